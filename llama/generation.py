@@ -1,0 +1,300 @@
+"""``Llama``: build a model from a checkpoint and run text and chat completion.
+
+Drop-in for the reference ``llama.generation``: same names, arguments, defaults and
+return values, plus CPU support, any world size, explicit device/dtype and errors
+that say what to change.
+"""
+
+import hashlib
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import distributed
+from .chat_format import (  # noqa: F401 - re-exported: upstream defines these here
+    B_INST,
+    B_SYS,
+    E_INST,
+    E_SYS,
+    SPECIAL_TAGS,
+    UNSAFE_ERROR,
+    ChatPrediction,
+    CompletionPrediction,
+    Dialog,
+    Message,
+    Role,
+    encode_dialog,
+    has_special_tags,
+    validate_dialog,
+)
+from .checkpoint import MetaCheckpoint, load_into
+from .model import ModelArgs, Transformer
+from .sampling import check_sampling_args, next_tokens, sample_top_p  # noqa: F401
+from .tokenizer import Tokenizer
+
+
+class Llama:
+    """A loaded model and its tokenizer."""
+
+    @staticmethod
+    def build(
+        ckpt_dir: str,
+        tokenizer_path: str,
+        max_seq_len: int,
+        max_batch_size: int,
+        model_parallel_size: Optional[int] = None,
+        seed: int = 1,
+        *,
+        device: Union[None, str, torch.device] = None,
+        dtype: Union[None, str, torch.dtype] = None,
+    ) -> "Llama":
+        """Load a checkpoint directory and tokenizer, ready to generate.
+
+        Args:
+            ckpt_dir: directory with ``params.json`` and ``consolidated.NN.pth`` shards.
+            tokenizer_path: the SentencePiece ``tokenizer.model``.
+            max_seq_len: longest prompt + generation, in tokens (the KV cache length).
+            max_batch_size: most sequences decoded at once (larger requests run in batches).
+            model_parallel_size: ranks the model is split over; default: all processes
+                (``WORLD_SIZE`` under torchrun, else 1). The checkpoint's shard count need
+                not match: shards are merged or split while loading.
+            seed: seed of the sampling generator (the same on every rank).
+            device: torch device; default CUDA (this rank's GPU) when available, else CPU.
+            dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``;
+                default bfloat16 on CUDA (float16 where unsupported), float32 on CPU.
+        """
+        start_time = time.time()
+        device = distributed.select_device(device)
+        dtype = distributed.select_dtype(dtype, device)
+        world = distributed.init_model_parallel(model_parallel_size, device)
+        rank = distributed.model_parallel_rank()
+        distributed.check_ranks_agree(
+            (max_seq_len, max_batch_size, seed, str(dtype), world), "max_seq_len, max_batch_size, seed, dtype"
+        )
+
+        def load() -> Tuple[Transformer, Tokenizer]:
+            tokenizer = Tokenizer(tokenizer_path)
+            params = ModelArgs.from_json(
+                Path(ckpt_dir) / "params.json", max_seq_len=max_seq_len, max_batch_size=max_batch_size
+            )
+            if params.vocab_size == -1:
+                params = replace(params, vocab_size=tokenizer.n_words)
+            checkpoint = MetaCheckpoint(Path(ckpt_dir), params)
+            rows = checkpoint.embedding_rows()
+            if rows != tokenizer.n_words or rows != params.vocab_size:
+                raise ValueError(
+                    f"the checkpoint's embedding has {rows} rows but the tokenizer {tokenizer_path} has "
+                    f"{tokenizer.n_words} pieces (params.json vocab_size={params.vocab_size}); "
+                    "use the tokenizer.model that came with these weights"
+                )
+            params.check_model_parallel_size(world)
+            model = Transformer(params, device="meta", dtype=dtype)
+            load_into(model, checkpoint, rank, world, device, dtype)
+            checkpoint.close()
+            model.allocate_buffers(device, dtype)
+            return model, tokenizer
+
+        model, tokenizer = distributed.run_on_all_ranks(load, "loading the checkpoint")
+        if distributed.is_main_process():
+            print(f"Loaded in {time.time() - start_time:.2f} seconds")
+        return Llama(model, tokenizer, seed=seed)
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = model.tok_embeddings.weight.device
+        # A private generator: sampling never touches (or depends on) torch's global RNG.
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+        """Continue each prompt (a list of token ids) by up to ``max_gen_len`` tokens.
+
+        ``temperature == 0`` is greedy; otherwise tokens are drawn by nucleus sampling.
+        Each row stops at EOS (not included) or ``max_gen_len`` tokens, and prompt plus
+        generation never exceed ``max_seq_len``. With ``echo`` the prompt is returned too.
+        With ``logprobs``, also returns the log-probability of each returned token.
+        More prompts than ``max_batch_size`` are run in successive batches.
+        """
+        check_sampling_args(temperature, top_p)
+        if not isinstance(max_gen_len, int) or max_gen_len < 0:
+            raise ValueError(f"max_gen_len must be an integer >= 0, got {max_gen_len!r}")
+        params = self.model.params
+        for i, t in enumerate(prompt_tokens):
+            if len(t) == 0:
+                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS)")
+            if len(t) > params.max_seq_len:
+                raise ValueError(
+                    f"prompt {i} is {len(t)} tokens long, more than max_seq_len={params.max_seq_len}; "
+                    "shorten it or build with a larger max_seq_len"
+                )
+        digest = hashlib.sha256(json.dumps([prompt_tokens, max_gen_len, temperature, top_p]).encode()).hexdigest()
+        distributed.check_ranks_agree(digest, "prompts and generation arguments")
+
+        out_tokens: List[List[int]] = []
+        out_logprobs: List[List[float]] = []
+        for start in range(0, len(prompt_tokens), params.max_batch_size):
+            batch = prompt_tokens[start : start + params.max_batch_size]
+            toks, probs = self._generate_batch(batch, max_gen_len, temperature, top_p, logprobs, echo)
+            out_tokens += toks
+            out_logprobs += probs
+        return out_tokens, (out_logprobs if logprobs else None)
+
+    def _generate_batch(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo):
+        params = self.model.params
+        bsz = len(prompt_tokens)
+        min_prompt_len = min(len(t) for t in prompt_tokens)
+        max_prompt_len = max(len(t) for t in prompt_tokens)
+        total_len = min(params.max_seq_len, max_gen_len + max_prompt_len)
+        pad_id, eos_id = self.tokenizer.pad_id, self.tokenizer.eos_id
+
+        tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long)
+        for k, t in enumerate(prompt_tokens):
+            tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long)
+        tokens = tokens.to(self.device)
+        token_logprobs = torch.zeros_like(tokens, dtype=torch.float) if logprobs else None
+        eos_reached = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+        input_text_mask = tokens != pad_id
+
+        prev_pos = 0
+        if min_prompt_len == total_len:
+            logits = self.model.forward(tokens, prev_pos)
+            if logprobs:
+                token_logprobs = -F.cross_entropy(
+                    logits.transpose(1, 2), tokens, reduction="none", ignore_index=pad_id
+                )
+        for cur_pos in range(min_prompt_len, total_len):
+            # Rows whose prompt is longer than min_prompt_len take their next prompt
+            # token instead of the sampled one, so they are fed through the cache too.
+            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
+            next_token = next_tokens(logits[:, -1], temperature, top_p, self.generator)
+            next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
+            tokens[:, cur_pos] = next_token
+            if logprobs:
+                token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
+                    logits.transpose(1, 2), tokens[:, prev_pos + 1 : cur_pos + 1], reduction="none", ignore_index=pad_id
+                )
+            eos_reached |= (~input_text_mask[:, cur_pos]) & (next_token == eos_id)
+            prev_pos = cur_pos
+            if bool(eos_reached.all()):
+                break
+
+        all_logprobs = token_logprobs.tolist() if logprobs else None
+        out_tokens, out_logprobs = [], []
+        for i, toks in enumerate(tokens.tolist()):
+            # Cut to max_gen_len, then at the first EOS.
+            start = 0 if echo else len(prompt_tokens[i])
+            end = len(prompt_tokens[i]) + max_gen_len
+            toks = toks[start:end]
+            probs = all_logprobs[i][start:end] if logprobs else None
+            if eos_id in toks:
+                eos_idx = toks.index(eos_id)
+                toks = toks[:eos_idx]
+                probs = probs[:eos_idx] if logprobs else None
+            out_tokens.append(toks)
+            out_logprobs.append(probs)
+        return out_tokens, out_logprobs
+
+    def text_completion(
+        self,
+        prompts: List[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> List[CompletionPrediction]:
+        """Complete each prompt string; returns ``[{"generation": str, ...}]`` in order.
+
+        With ``logprobs``, each result also has ``"tokens"`` (the decoded pieces) and
+        ``"logprobs"``. ``max_gen_len=None`` means ``max_seq_len - 1``.
+        """
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be a list of strings (wrap a single prompt in a list)")
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        generation_tokens, generation_logprobs = self.generate(
+            prompt_tokens=prompt_tokens,
+            max_gen_len=max_gen_len,
+            temperature=temperature,
+            top_p=top_p,
+            logprobs=logprobs,
+            echo=echo,
+        )
+        if logprobs:
+            return [
+                {
+                    "generation": self.tokenizer.decode(t),
+                    "tokens": [self.tokenizer.decode([x]) for x in t],
+                    "logprobs": logprobs_i,
+                }
+                for t, logprobs_i in zip(generation_tokens, generation_logprobs)
+            ]
+        return [{"generation": self.tokenizer.decode(t)} for t in generation_tokens]
+
+    def chat_completion(
+        self,
+        dialogs: List[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+    ) -> List[ChatPrediction]:
+        """Answer each dialog; returns ``[{"generation": {"role": "assistant", "content": str}, ...}]``.
+
+        A dialog is ``[system?, user, assistant, ..., user]``. A dialog containing the
+        special tags ``[INST]``, ``[/INST]``, ``<<SYS>>`` or ``<</SYS>>`` is not run and
+        gets ``UNSAFE_ERROR`` as its content.
+        """
+        if not isinstance(dialogs, (list, tuple)) or (dialogs and isinstance(dialogs[0], dict)):
+            raise ValueError("dialogs must be a list of dialogs (each a list of messages); wrap a single dialog in a list")
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        for i, dialog in enumerate(dialogs):
+            validate_dialog(dialog, i)
+        unsafe = [has_special_tags(dialog) for dialog in dialogs]
+        safe_ids = [i for i, u in enumerate(unsafe) if not u]
+        prompt_tokens = [encode_dialog(self.tokenizer, dialogs[i]) for i in safe_ids]
+        for j, t in enumerate(prompt_tokens):
+            if len(t) > self.model.params.max_seq_len:
+                raise ValueError(
+                    f"dialog {safe_ids[j]} is {len(t)} tokens long, more than max_seq_len="
+                    f"{self.model.params.max_seq_len}; shorten it or build with a larger max_seq_len"
+                )
+        generation_tokens, generation_logprobs = self.generate(
+            prompt_tokens=prompt_tokens,
+            max_gen_len=max_gen_len,
+            temperature=temperature,
+            top_p=top_p,
+            logprobs=logprobs,
+        ) if prompt_tokens else ([], [] if logprobs else None)
+
+        results: List[ChatPrediction] = [
+            {"generation": {"role": "assistant", "content": UNSAFE_ERROR}} for _ in dialogs
+        ]
+        for j, i in enumerate(safe_ids):
+            t = generation_tokens[j]
+            results[i] = {"generation": {"role": "assistant", "content": self.tokenizer.decode(t)}}
+            if logprobs:
+                results[i]["tokens"] = [self.tokenizer.decode([x]) for x in t]
+                results[i]["logprobs"] = generation_logprobs[j]
+        if logprobs:
+            for i in range(len(dialogs)):
+                if unsafe[i]:
+                    results[i]["tokens"], results[i]["logprobs"] = [], []
+        return results

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny tokenizers and checkpoints made on the fly (no downloads)."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_TOKENIZER = REPO.parent / "shared" / "llama2-tokenizer" / "tokenizer.model"
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import TRAINING_TEXT, make_checkpoint  # noqa: E402
+
+from llama.demo import train_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_path(tmp_path_factory) -> Path:
+    """A 320-piece BPE tokenizer with byte fallback, trained on a few paragraphs."""
+    d = tmp_path_factory.mktemp("tokenizer")
+    text = d / "text.txt"
+    text.write_text(TRAINING_TEXT)
+    return train_tokenizer(text, d / "tokenizer.model", vocab_size=320)
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer_path() -> Path:
+    if not REAL_TOKENIZER.is_file():
+        pytest.skip(f"the real Llama 2 tokenizer is not at {REAL_TOKENIZER}")
+    return REAL_TOKENIZER
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_tokenizer_path):
+    """A 2-layer Llama (dim 64, 4 heads) with random weights, one shard."""
+    d = tmp_path_factory.mktemp("ckpt")
+    make_checkpoint(d, dict(dim=64, n_layers=2, n_heads=4, multiple_of=32, vocab_size=-1), tiny_tokenizer_path)
+    return d
