@@ -153,6 +153,10 @@ class ShardedState:
     def shard(self, index: int) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def embedding_rows(self) -> int:
+        """Rows of the token embedding (the checkpoint's vocabulary size)."""
+        return self.shard(0)["tok_embeddings.weight"].shape[0]
+
     def tensor(self, key: str, rank: int, world: int) -> torch.Tensor:
         """The slice of ``key`` that ``rank`` of ``world`` holds (a view where possible)."""
         dim = split_dim(key)
@@ -230,9 +234,6 @@ class MetaCheckpoint(ShardedState):
                     f"from params.json for a checkpoint of {self.n_shards} shard(s)"
                 )
 
-    def embedding_rows(self) -> int:
-        return self.shard(0)["tok_embeddings.weight"].shape[0]
-
     def close(self) -> None:
         self._shards.clear()
 
@@ -259,9 +260,15 @@ def read_params(ckpt_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def open_checkpoint(ckpt_dir: Path, vocab_size: Optional[int] = None, **overrides) -> MetaCheckpoint:
-    """Open a Meta checkpoint; ``vocab_size=-1`` in params.json is taken from ``vocab_size`` or the embedding."""
+def open_checkpoint(ckpt_dir: Path, vocab_size: Optional[int] = None, **overrides) -> ShardedState:
+    """Open a checkpoint directory for reading at any world size.
+
+    ``vocab_size=-1`` in params.json is taken from ``vocab_size`` (the tokenizer's)
+    or else from the embedding; ``overrides`` set ModelArgs fields (e.g. max_seq_len).
+    """
     ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {ckpt_dir} not found")
     args = ModelArgs.from_json(ckpt_dir / "params.json", **overrides)
     if args.vocab_size == -1:
         if vocab_size is None:

@@ -8,9 +8,8 @@ that say what to change.
 import hashlib
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +31,7 @@ from .chat_format import (  # noqa: F401 - re-exported: upstream defines these h
     has_special_tags,
     validate_dialog,
 )
-from .checkpoint import MetaCheckpoint, load_into
+from .checkpoint import load_into, open_checkpoint
 from .model import ModelArgs, Transformer
 from .sampling import check_sampling_args, next_tokens, sample_top_p  # noqa: F401
 from .tokenizer import Tokenizer
@@ -79,17 +78,15 @@ class Llama:
 
         def load() -> Tuple[Transformer, Tokenizer]:
             tokenizer = Tokenizer(tokenizer_path)
-            params = ModelArgs.from_json(
-                Path(ckpt_dir) / "params.json", max_seq_len=max_seq_len, max_batch_size=max_batch_size
+            checkpoint = open_checkpoint(
+                Path(ckpt_dir), vocab_size=tokenizer.n_words, max_seq_len=max_seq_len, max_batch_size=max_batch_size
             )
-            if params.vocab_size == -1:
-                params = replace(params, vocab_size=tokenizer.n_words)
-            checkpoint = MetaCheckpoint(Path(ckpt_dir), params)
+            params = checkpoint.args
             rows = checkpoint.embedding_rows()
             if rows != tokenizer.n_words or rows != params.vocab_size:
                 raise ValueError(
                     f"the checkpoint's embedding has {rows} rows but the tokenizer {tokenizer_path} has "
-                    f"{tokenizer.n_words} pieces (params.json vocab_size={params.vocab_size}); "
+                    f"{tokenizer.n_words} pieces (vocab_size={params.vocab_size}); "
                     "use the tokenizer.model that came with these weights"
                 )
             params.check_model_parallel_size(world)
@@ -155,26 +152,37 @@ class Llama:
         return out_tokens, (out_logprobs if logprobs else None)
 
     def _generate_batch(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo):
+        state = None
+        for state in self._decode(prompt_tokens, max_gen_len, temperature, top_p, logprobs):
+            pass
+        return state.results(echo)
+
+    def _decode(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: int,
+        temperature: float,
+        top_p: float,
+        logprobs: bool,
+    ) -> Iterator["DecodeState"]:
+        """Decode one batch (at most ``max_batch_size`` rows), yielding the state after each position.
+
+        The caller may set ``state.stopped[i] = True`` between steps to end row ``i``
+        early (e.g. on a stop string); the loop ends when every row has ended.
+        """
         params = self.model.params
         bsz = len(prompt_tokens)
         min_prompt_len = min(len(t) for t in prompt_tokens)
         max_prompt_len = max(len(t) for t in prompt_tokens)
         total_len = min(params.max_seq_len, max_gen_len + max_prompt_len)
-        pad_id, eos_id = self.tokenizer.pad_id, self.tokenizer.eos_id
-
-        tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long)
-        for k, t in enumerate(prompt_tokens):
-            tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long)
-        tokens = tokens.to(self.device)
-        token_logprobs = torch.zeros_like(tokens, dtype=torch.float) if logprobs else None
-        eos_reached = torch.zeros(bsz, dtype=torch.bool, device=self.device)
-        input_text_mask = tokens != pad_id
+        state = DecodeState(self.tokenizer, prompt_tokens, max_gen_len, total_len, logprobs, self.device)
+        tokens, input_text_mask, pad_id = state.tokens, state.input_text_mask, self.tokenizer.pad_id
 
         prev_pos = 0
         if min_prompt_len == total_len:
             logits = self.model.forward(tokens, prev_pos)
             if logprobs:
-                token_logprobs = -F.cross_entropy(
+                state.token_logprobs = -F.cross_entropy(
                     logits.transpose(1, 2), tokens, reduction="none", ignore_index=pad_id
                 )
         for cur_pos in range(min_prompt_len, total_len):
@@ -185,29 +193,17 @@ class Llama:
             next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
             tokens[:, cur_pos] = next_token
             if logprobs:
-                token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
+                state.token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
                     logits.transpose(1, 2), tokens[:, prev_pos + 1 : cur_pos + 1], reduction="none", ignore_index=pad_id
                 )
-            eos_reached |= (~input_text_mask[:, cur_pos]) & (next_token == eos_id)
+            state.stopped |= (~input_text_mask[:, cur_pos]) & (next_token == self.tokenizer.eos_id)
+            state.cur_pos = cur_pos
             prev_pos = cur_pos
-            if bool(eos_reached.all()):
+            yield state
+            if bool(state.stopped.all()):
                 break
-
-        all_logprobs = token_logprobs.tolist() if logprobs else None
-        out_tokens, out_logprobs = [], []
-        for i, toks in enumerate(tokens.tolist()):
-            # Cut to max_gen_len, then at the first EOS.
-            start = 0 if echo else len(prompt_tokens[i])
-            end = len(prompt_tokens[i]) + max_gen_len
-            toks = toks[start:end]
-            probs = all_logprobs[i][start:end] if logprobs else None
-            if eos_id in toks:
-                eos_idx = toks.index(eos_id)
-                toks = toks[:eos_idx]
-                probs = probs[:eos_idx] if logprobs else None
-            out_tokens.append(toks)
-            out_logprobs.append(probs)
-        return out_tokens, out_logprobs
+        if min_prompt_len == total_len:
+            yield state  # nothing to generate: the prompts fill the context
 
     def text_completion(
         self,
@@ -298,3 +294,39 @@ class Llama:
                 if unsafe[i]:
                     results[i]["tokens"], results[i]["logprobs"] = [], []
         return results
+
+
+class DecodeState:
+    """Token buffer of one batch being decoded, and the rows that have ended."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_tokens, max_gen_len, total_len, logprobs, device):
+        self.tokenizer = tokenizer
+        self.prompt_tokens = prompt_tokens
+        self.max_gen_len = max_gen_len
+        bsz = len(prompt_tokens)
+        tokens = torch.full((bsz, total_len), tokenizer.pad_id, dtype=torch.long)
+        for k, t in enumerate(prompt_tokens):
+            tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long)
+        self.tokens = tokens.to(device)  # (bsz, total_len), pad_id where nothing is yet
+        self.input_text_mask = self.tokens != tokenizer.pad_id
+        self.token_logprobs = torch.zeros_like(self.tokens, dtype=torch.float) if logprobs else None
+        self.stopped = torch.zeros(bsz, dtype=torch.bool, device=device)  # EOS seen, or ended by the caller
+        self.cur_pos = min(len(t) for t in prompt_tokens) - 1  # last filled position of every row
+
+    def results(self, echo: bool) -> Tuple[List[List[int]], List[Optional[List[float]]]]:
+        """Per row: the tokens (prompt too with ``echo``) cut at ``max_gen_len`` and the first EOS."""
+        eos_id = self.tokenizer.eos_id
+        all_logprobs = self.token_logprobs.tolist() if self.token_logprobs is not None else None
+        out_tokens, out_logprobs = [], []
+        for i, toks in enumerate(self.tokens[:, : self.cur_pos + 1].tolist()):
+            start = 0 if echo else len(self.prompt_tokens[i])
+            end = len(self.prompt_tokens[i]) + self.max_gen_len
+            toks = toks[start:end]
+            probs = all_logprobs[i][start:end] if all_logprobs is not None else None
+            if eos_id in toks:
+                eos_idx = toks.index(eos_id)
+                toks = toks[:eos_idx]
+                probs = probs[:eos_idx] if probs is not None else None
+            out_tokens.append(toks)
+            out_logprobs.append(probs)
+        return out_tokens, out_logprobs

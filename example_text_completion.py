@@ -1,0 +1,72 @@
+"""Text completion with a Llama 2 model.
+
+    torchrun --nproc_per_node 1 example_text_completion.py --ckpt_dir llama-2-7b/ --tokenizer_path tokenizer.model
+    python example_text_completion.py          # the built-in demo model, no download
+"""
+
+from typing import List, Optional
+
+import fire
+
+from llama import Llama
+from llama.cli import rank0_print, resolve_model
+
+
+def main(
+    ckpt_dir: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_seq_len: int = 128,
+    max_gen_len: int = 64,
+    max_batch_size: int = 4,
+    device: Optional[str] = None,
+    dtype: Optional[str] = None,
+):
+    """Complete a few prompts: plain continuations and few-shot patterns.
+
+    Without --ckpt_dir, runs the built-in demo model (built on first use).
+    Pretrained models only continue text: the prompt should make the answer its natural continuation.
+    """
+    ckpt_dir, tokenizer_path = resolve_model(ckpt_dir, tokenizer_path)
+    generator = Llama.build(
+        ckpt_dir=ckpt_dir,
+        tokenizer_path=tokenizer_path,
+        max_seq_len=max_seq_len,
+        max_batch_size=max_batch_size,
+        device=device,
+        dtype=dtype,
+    )
+
+    prompts: List[str] = [
+        # Plain continuation
+        "The river",
+        "Simply put, the theory of relativity states that ",
+        # A short note in a given register
+        """A short note to the team, thanking them for shipping the release:
+
+Hi everyone,
+
+I wanted to""",
+        # Few-shot translation
+        """Translate English to German:
+
+cheese => Käse
+good morning => guten Morgen
+thank you => danke
+bread =>""",
+    ]
+    results = generator.text_completion(
+        prompts,
+        max_gen_len=max_gen_len,
+        temperature=temperature,
+        top_p=top_p,
+    )
+    for prompt, result in zip(prompts, results):
+        rank0_print(prompt)
+        rank0_print(f"> {result['generation']}")
+        rank0_print("\n==================================\n")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

@@ -1,0 +1,26 @@
+"""Shared plumbing for the example scripts: model resolution and rank-0 printing."""
+
+import sys
+from typing import Optional, Tuple
+
+from . import distributed
+
+
+def rank0_print(*args, **kwargs) -> None:
+    """print() on the first process only, so torchrun output is not repeated per rank."""
+    if distributed.global_rank() == 0:
+        print(*args, **kwargs)
+        sys.stdout.flush()
+
+
+def resolve_model(ckpt_dir: Optional[str], tokenizer_path: Optional[str]) -> Tuple[str, str]:
+    """The checkpoint and tokenizer to load: the given ones, or the built-in demo model."""
+    if ckpt_dir is None:
+        from .demo import DEMO_NOTICE, ensure_demo_model
+
+        demo_dir, demo_tokenizer = ensure_demo_model(verbose=distributed.global_rank() == 0)
+        rank0_print(DEMO_NOTICE)
+        return str(demo_dir), str(tokenizer_path or demo_tokenizer)
+    if tokenizer_path is None:
+        raise SystemExit("--tokenizer_path is required with --ckpt_dir (the tokenizer.model downloaded with the weights)")
+    return ckpt_dir, tokenizer_path
