@@ -9,7 +9,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ from .chat_format import (  # noqa: F401 - re-exported: upstream defines these h
     has_special_tags,
     validate_dialog,
 )
-from .checkpoint import load_into, open_checkpoint
+from .checkpoint import load_into, open_checkpoint, verify_checkpoint
 from .model import ModelArgs, Transformer
 from .sampling import check_sampling_args, next_tokens, sample_top_p  # noqa: F401
 from .tokenizer import Tokenizer
@@ -51,11 +51,14 @@ class Llama:
         *,
         device: Union[None, str, torch.device] = None,
         dtype: Union[None, str, torch.dtype] = None,
+        compile: bool = False,
+        verify: bool = False,
     ) -> "Llama":
         """Load a checkpoint directory and tokenizer, ready to generate.
 
         Args:
-            ckpt_dir: directory with ``params.json`` and ``consolidated.NN.pth`` shards.
+            ckpt_dir: directory with ``params.json`` and ``consolidated.NN.pth`` shards
+                (Meta's format), or with ``config.json`` and ``*.safetensors`` (Hugging Face's).
             tokenizer_path: the SentencePiece ``tokenizer.model``.
             max_seq_len: longest prompt + generation, in tokens (the KV cache length).
             max_batch_size: most sequences decoded at once (larger requests run in batches).
@@ -66,6 +69,11 @@ class Llama:
             device: torch device; default CUDA (this rank's GPU) when available, else CPU.
             dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``;
                 default bfloat16 on CUDA (float16 where unsupported), float32 on CPU.
+            compile: compile the one-token decode step with ``torch.compile`` (static
+                shapes over the preallocated cache; CUDA graphs on CUDA, frozen weights on
+                CPU). Costs a warm-up (printed) and pays off on long generations.
+            verify: check the md5 sums of ``ckpt_dir/checklist.chk`` before loading
+                (every rank reads every file once more; a ValueError names the files that fail).
         """
         start_time = time.time()
         device = distributed.select_device(device)
@@ -77,6 +85,8 @@ class Llama:
         )
 
         def load() -> Tuple[Transformer, Tokenizer]:
+            if verify:
+                verify_checkpoint(Path(ckpt_dir))
             tokenizer = Tokenizer(tokenizer_path)
             checkpoint = open_checkpoint(
                 Path(ckpt_dir), vocab_size=tokenizer.n_words, max_seq_len=max_seq_len, max_batch_size=max_batch_size
@@ -99,7 +109,28 @@ class Llama:
         model, tokenizer = distributed.run_on_all_ranks(load, "loading the checkpoint")
         if distributed.is_main_process():
             print(f"Loaded in {time.time() - start_time:.2f} seconds")
-        return Llama(model, tokenizer, seed=seed)
+        llama = Llama(model, tokenizer, seed=seed)
+        if compile:
+            llama.compile()
+        return llama
+
+    def compile(self, warmup_batch_sizes: Sequence[int] = (1,)) -> float:
+        """Compile the decode step now; returns (and prints on rank 0) the warm-up seconds.
+
+        Each new batch size compiles once more on first use.
+        """
+        start = time.time()
+        self._decode_step = compile_decode_step(self.model, self.device)
+        with torch.inference_mode():
+            for bsz in warmup_batch_sizes:
+                # Position 0 is written and later overwritten by the prefill of any prompt.
+                tokens = torch.zeros(bsz, 1, dtype=torch.long, device=self.device)
+                for _ in range(2):  # the second call records the CUDA graph
+                    self._decode_step(tokens, torch.zeros(1, dtype=torch.long, device=self.device))
+        seconds = time.time() - start
+        if distributed.is_main_process():
+            print(f"Compiled the decode step in {seconds:.1f} seconds")
+        return seconds
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1):
         self.model = model
@@ -108,6 +139,7 @@ class Llama:
         # A private generator: sampling never touches (or depends on) torch's global RNG.
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
+        self._decode_step = None  # compiled one-token step, see compile()
 
     @torch.inference_mode()
     def generate(
@@ -188,7 +220,11 @@ class Llama:
         for cur_pos in range(min_prompt_len, total_len):
             # Rows whose prompt is longer than min_prompt_len take their next prompt
             # token instead of the sampled one, so they are fed through the cache too.
-            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
+            if self._decode_step is not None and cur_pos - prev_pos == 1:
+                pos = torch.tensor([prev_pos], device=self.device)
+                logits = self._decode_step(tokens[:, prev_pos:cur_pos], pos)[:, None]  # (bsz, 1, vocab)
+            else:
+                logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
             next_token = next_tokens(logits[:, -1], temperature, top_p, self.generator)
             next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
             tokens[:, cur_pos] = next_token
@@ -330,3 +366,15 @@ class DecodeState:
             out_tokens.append(toks)
             out_logprobs.append(probs)
         return out_tokens, out_logprobs
+
+
+def compile_decode_step(model: Transformer, device: torch.device):
+    """``torch.compile`` of ``model.decode_step`` for ``device``.
+
+    CUDA: ``mode="reduce-overhead"`` (CUDA graphs: one launch per token). CPU: Inductor
+    with frozen weights (constant-folded and prepacked for the matrix-vector kernels).
+    """
+    single_graph = distributed.model_parallel_world_size() == 1  # collectives break the graph
+    if device.type == "cuda":
+        return torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=single_graph, dynamic=False)
+    return torch.compile(model.decode_step, options={"freezing": True}, fullgraph=single_graph, dynamic=False)

@@ -200,7 +200,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        start_pos: int,
+        start_pos: Union[int, torch.Tensor],
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: Optional[torch.Tensor],
@@ -216,7 +216,13 @@ class Attention(nn.Module):
 
         # (bsz, seqlen, heads, head_dim) -> (bsz, heads, seqlen, head_dim)
         xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)
-        if use_cache:
+        if isinstance(start_pos, torch.Tensor):
+            # Static shapes for torch.compile / CUDA graphs: write at a position held in a
+            # tensor and attend over the whole cache, masking positions not yet written.
+            self.cache_k[:bsz].index_copy_(2, start_pos, xk)
+            self.cache_v[:bsz].index_copy_(2, start_pos, xv)
+            keys, values = self.cache_k[:bsz], self.cache_v[:bsz]
+        elif use_cache:
             end = start_pos + seqlen
             self.cache_k[:bsz, :, start_pos:end] = xk
             self.cache_v[:bsz, :, start_pos:end] = xv
@@ -325,6 +331,21 @@ class Transformer(nn.Module):
         for layer in self.layers:
             h = layer(h, start_pos, cos, sin, mask, use_cache)
         return self.norm(h)
+
+    def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits (bsz, vocab_size), float32, for one new token per row at position ``pos``.
+
+        tokens: (bsz, 1); pos: (1,) long tensor on the model's device. Every shape is
+        independent of the position, so a compiled version (CUDA graphs included) is
+        reused for the whole generation. Attends over the full cache with a mask.
+        """
+        h = self.tok_embeddings(tokens)
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (1, head_dim/2)
+        # (1, max_seq_len): broadcast over (bsz, heads, 1 query, max_seq_len keys)
+        mask = (torch.arange(self.params.max_seq_len, device=tokens.device) <= pos).view(1, -1)
+        for layer in self.layers:
+            h = layer(h, pos, cos, sin, mask)
+        return self.output(self.norm(h))[:, -1].float()
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int, *, last_only: bool = False) -> torch.Tensor:

@@ -13,6 +13,7 @@ but set up the same attributes with parameters created directly on ``device`` in
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from fairscale.nn.model_parallel import layers as fs_layers
 from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from torch import nn
@@ -55,6 +56,12 @@ class ParallelEmbedding(fs_layers.ParallelEmbedding):
         self._weight = None
         self.embedding_dim_per_partition = _partition(embedding_dim, "dim")
         self.weight = _parameter((num_embeddings, self.embedding_dim_per_partition), device, dtype)
+        self.single_rank = get_model_parallel_world_size() == 1
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        if self.single_rank:
+            return F.embedding(input_, self.weight)
+        return super().forward(input_)
 
 
 class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
@@ -77,6 +84,12 @@ class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
         self.weight = _parameter((self.output_size_per_partition, in_features), device, dtype)
         self.register_parameter("bias", None)
         self.master_weight = None
+        self.single_rank = get_model_parallel_world_size() == 1
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        if self.single_rank:  # fairscale's region functions are identities here; skip their overhead
+            return F.linear(input_, self.weight)
+        return super().forward(input_)
 
 
 class RowParallelLinear(fs_layers.RowParallelLinear):
@@ -99,3 +112,9 @@ class RowParallelLinear(fs_layers.RowParallelLinear):
         self.weight = _parameter((out_features, self.input_size_per_partition), device, dtype)
         self.register_parameter("bias", None)
         self.master_weight = None
+        self.single_rank = get_model_parallel_world_size() == 1
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        if self.single_rank:
+            return F.linear(input_, self.weight)
+        return super().forward(input_)
