@@ -1,22 +1,42 @@
-"""Reading Meta-format checkpoints (``params.json`` + ``consolidated.NN.pth``) onto any world size.
+"""Reading checkpoints onto any world size: Meta's format and Hugging Face's.
+
+Meta's format is ``params.json`` + ``consolidated.NN.pth`` shards; a Hugging Face
+directory is ``config.json`` + ``*.safetensors`` (one file, or several listed in
+``model.safetensors.index.json``), which :class:`HFCheckpoint` presents as a single
+Meta-format shard. :func:`open_checkpoint` tells them apart.
 
 A checkpoint saved with model-parallel size ``k`` is loaded on ``n`` ranks by
 assembling, for each tensor, exactly the slice rank ``r`` needs from the source
 shards (memory-mapped, so untouched bytes are never read): shards are merged when
 ``k > n``, split when ``k < n``, and key/value heads are replicated when ``n`` is
-larger than ``n_kv_heads``. Each rank holds only its own slice (plus whatever the
-page cache keeps of the mapped files).
+larger than ``n_kv_heads``. Each rank holds only its own slice.
+
+Memory: files are mapped privately and read-only in practice, so a tensor loaded
+without conversion is used in place (no copy). When a tensor is converted (dtype,
+device, a merge or a column slice), the pages of its source that were read are
+handed back to the kernel right away (:meth:`ShardedState.release`), so the
+resident size stays near the size of the converted weights instead of growing by
+every source page touched.
 """
 
+import ctypes
 import json
+import mmap
+import os
 import pickle
+import sys
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from . import hf
 from .model import ModelArgs
+
+HF_INDEX = "model.safetensors.index.json"
+HF_SINGLE = "model.safetensors"
 
 # Dimension along which each tensor is split across model-parallel ranks
 # (None: replicated). Keys are matched by suffix.
@@ -46,6 +66,7 @@ def split_dim(key: str) -> Optional[int]:
 
 
 def expected_keys(args: ModelArgs) -> List[str]:
+    """Every tensor key of a Meta checkpoint of architecture ``args``, in model order."""
     keys = ["tok_embeddings.weight"]
     for i in range(args.n_layers):
         keys += [f"layers.{i}.{suffix}" for suffix in _SPLIT_DIMS if suffix.startswith(("attention", "feed_forward", "ffn_norm"))]
@@ -87,6 +108,7 @@ def rank_range(key: str, args: ModelArgs, rank: int, world: int) -> Tuple[int, i
 
 
 def local_shape(key: str, args: ModelArgs, rank: int, world: int) -> Tuple[int, ...]:
+    """Shape of the slice of ``key`` that ``rank`` of ``world`` holds."""
     shape = list(global_shape(key, args))
     dim = split_dim(key)
     if dim is not None:
@@ -108,6 +130,7 @@ def _locate(key: str, args: ModelArgs, n_shards: int, index: int) -> Tuple[int, 
 
 
 def find_shards(ckpt_dir: Path) -> List[Path]:
+    """The ``consolidated.NN.pth`` shards of ``ckpt_dir``, in order; a clear error if none or one is missing."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"checkpoint directory {ckpt_dir} not found")
@@ -121,6 +144,73 @@ def find_shards(ckpt_dir: Path) -> List[Path]:
     if names != wanted:
         raise FileNotFoundError(f"{ckpt_dir} holds {names}; expected {wanted} (is a shard missing?)")
     return shards
+
+
+def _byte_range(t: torch.Tensor) -> Tuple[int, int]:
+    """[start, stop) addresses of the bytes ``t`` spans in its storage."""
+    start = t.data_ptr()
+    if t.numel() == 0:
+        return start, start
+    span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return start, start + span * t.element_size()
+
+
+def _load_libc():
+    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_DONTNEED"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.madvise.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _load_libc()
+
+
+def privately_mapped_from(t: torch.Tensor, path: Path) -> bool:
+    """Whether ``t``'s bytes lie in a private (copy-on-write) mapping of the file ``path`` (Linux only).
+
+    Only such pages may be released with :func:`release_pages`: the kernel re-reads
+    them from the file if they are touched again.
+    """
+    if _LIBC is None or t.device.type != "cpu" or t.numel() == 0:
+        return False
+    address = t.data_ptr()
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                low, high = (int(x, 16) for x in parts[0].split("-"))
+                if low <= address < high:
+                    return len(parts) == 6 and parts[1][3] == "p" and parts[5].rstrip("\n") == os.path.realpath(path)
+    except (OSError, ValueError, IndexError):
+        return False
+    return False
+
+
+def release_pages(source: torch.Tensor, keep: Optional[torch.Tensor] = None) -> None:
+    """Hand the resident pages of ``source`` back to the kernel (``madvise(MADV_DONTNEED)``).
+
+    ``source`` must lie in a private mapping of an unmodified file (see
+    :func:`privately_mapped_from`): its pages are then re-read from the file if
+    touched again, so nothing is lost. Only pages entirely inside ``source`` are
+    released, and nothing at all when ``keep`` (e.g. the loaded parameter) overlaps
+    it, since ``keep`` then still uses those pages. A no-op off Linux.
+    """
+    if _LIBC is None or source.device.type != "cpu":
+        return
+    start, stop = _byte_range(source)
+    if keep is not None and keep.device.type == "cpu":
+        keep_start, keep_stop = _byte_range(keep)
+        if keep_start < stop and start < keep_stop:
+            return
+    page = mmap.PAGESIZE
+    low, high = -(-start // page) * page, stop // page * page
+    if high > low:
+        _LIBC.madvise(low, high - low, mmap.MADV_DONTNEED)  # failure only means the pages stay resident
 
 
 def load_shard(path: Path) -> Dict[str, torch.Tensor]:
@@ -157,6 +247,17 @@ class ShardedState:
         """Rows of the token embedding (the checkpoint's vocabulary size)."""
         return self.shard(0)["tok_embeddings.weight"].shape[0]
 
+    def dtype(self) -> torch.dtype:
+        """The dtype the weights are stored in."""
+        return self.shard(0)["tok_embeddings.weight"].dtype
+
+    def release(self, key: str, keep: Optional[torch.Tensor] = None) -> None:
+        """Called when the caller is done reading ``key``: drop the source pages it read.
+
+        ``keep`` is what the caller holds on to (the converted tensor); pages it still
+        uses are kept. The default does nothing (e.g. for tensors held in memory).
+        """
+
     def tensor(self, key: str, rank: int, world: int) -> torch.Tensor:
         """The slice of ``key`` that ``rank`` of ``world`` holds (a view where possible)."""
         dim = split_dim(key)
@@ -173,11 +274,12 @@ class ShardedState:
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
 
     def state_dict_for_rank(self, rank: int, world: int) -> Iterator[Tuple[str, torch.Tensor]]:
+        """(key, slice) for every tensor of the model, in model order, for ``rank`` of ``world``."""
         for key in expected_keys(self.args):
             yield key, self.tensor(key, rank, world)
 
     def close(self) -> None:
-        pass
+        """Drop references to the source files (tensors still in use keep their mappings)."""
 
 
 class InMemoryState(ShardedState):
@@ -199,15 +301,43 @@ class MetaCheckpoint(ShardedState):
         self.paths = find_shards(self.ckpt_dir)
         super().__init__(args, len(self.paths))
         self._shards: Dict[int, Dict[str, torch.Tensor]] = {}
+        self._unchecked: Dict[int, Dict[str, torch.Tensor]] = {}  # mapped for embedding_rows, not yet checked
+        self._releasable: Dict[int, bool] = {}
         self._dtype: Optional[torch.dtype] = None
 
     def shard(self, index: int) -> Dict[str, torch.Tensor]:
         if index not in self._shards:
             path = self.paths[index]
-            state = load_shard(path)
+            state = self._unchecked.pop(index) if index in self._unchecked else load_shard(path)
             self._check_shard(path, index, state)
             self._shards[index] = state
+            first = next((t for t in state.values() if t.numel()), None)
+            self._releasable[index] = first is not None and privately_mapped_from(first, path)
         return self._shards[index]
+
+    def embedding_rows(self) -> int:
+        """Rows of the token embedding, read from shard 0 before the shards are checked against params.json.
+
+        So that a tokenizer of the wrong size is reported as such, not as a shape mismatch.
+        """
+        state = self._shards.get(0)
+        if state is None:
+            if 0 not in self._unchecked:
+                self._unchecked[0] = load_shard(self.paths[0])
+            state = self._unchecked[0]
+        emb = state.get("tok_embeddings.weight")
+        if emb is None or emb.dim() != 2:
+            raise ValueError(f"{self.paths[0]} has no 2-d tok_embeddings.weight; it is not a Llama checkpoint shard")
+        return emb.shape[0]
+
+    def dtype(self) -> torch.dtype:
+        self.shard(0)
+        return self._dtype
+
+    def release(self, key: str, keep: Optional[torch.Tensor] = None) -> None:
+        for index, state in self._shards.items():
+            if self._releasable.get(index) and key in state:
+                release_pages(state[key], keep)
 
     def _check_shard(self, path: Path, index: int, state: Dict[str, torch.Tensor]) -> None:
         keys = set(state) - IGNORED_KEYS
@@ -236,6 +366,171 @@ class MetaCheckpoint(ShardedState):
 
     def close(self) -> None:
         self._shards.clear()
+        self._unchecked.clear()
+
+
+def _hf_files(ckpt_dir: Path) -> List[Path]:
+    """The safetensors files of a Hugging Face checkpoint directory (those the index names, if any)."""
+    index = ckpt_dir / HF_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is not a safetensors index (JSON with a weight_map): {e!r}") from None
+        missing = [n for n in names if not (ckpt_dir / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} lists {missing}, not found in {ckpt_dir} (is a download incomplete?)")
+        return [ckpt_dir / n for n in names]
+    if (ckpt_dir / HF_SINGLE).is_file():
+        return [ckpt_dir / HF_SINGLE]
+    files = sorted(ckpt_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"{ckpt_dir} has config.json but no *.safetensors weights; only safetensors are read "
+            "(convert pytorch_model.bin with transformers' save_pretrained(safe_serialization=True))"
+        )
+    return files
+
+
+class HFCheckpoint(ShardedState):
+    """A Hugging Face ``LlamaForCausalLM`` directory, presented as one full Meta-format shard.
+
+    Tensors are read lazily from the memory-mapped safetensors files, one slice at a
+    time, renamed to Meta keys, and q/k rows are permuted back to Meta's interleaved
+    rotary layout. A rank's slice of q/k is a whole number of heads and the
+    permutation stays within each head, so the slice is permuted on its own.
+    Names, shapes and dtypes are checked against ``config.json`` when opening.
+    """
+
+    def __init__(self, ckpt_dir: Path, args: Optional[ModelArgs] = None, **overrides):
+        self.ckpt_dir = Path(ckpt_dir)
+        self.paths = _hf_files(self.ckpt_dir)
+        config_path = self.ckpt_dir / "config.json"
+        self.config = hf.read_hf_config(config_path)
+        if args is None:
+            args = hf.args_from_hf_config(self.config, source=str(config_path), **overrides)
+        super().__init__(args, 1)
+        self._handles = {}
+        self._where: Dict[str, Tuple[Path, str]] = {}  # Meta key -> (file, Hugging Face name)
+        self._releasable: Dict[Path, bool] = {}
+        self._dtype: Optional[torch.dtype] = None
+        self._expected = set(expected_keys(self.args))
+        for path in self.paths:
+            self._index_file(path)
+        self._check_complete()
+
+    def _open(self, path: Path):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            return safe_open(str(path), framework="pt", device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(
+                f"cannot read {path}: the file is truncated or corrupted ({type(e).__name__}: {e}); download it again"
+            ) from None
+
+    def _index_file(self, path: Path) -> None:
+        handle = self._handles[path] = self._open(path)
+        first = None
+        for name in handle.keys():
+            if name.endswith(hf.HF_IGNORED_SUFFIXES):
+                continue
+            try:
+                key = hf.hf_to_meta_name(name)
+            except KeyError:
+                raise ValueError(f"{path} holds tensor {name!r}, which is not part of a Llama 2 model") from None
+            if key in self._where:
+                raise ValueError(f"tensor {name} is in both {self._where[key][0]} and {path}")
+            self._where[key] = (path, name)
+            info = handle.get_slice(name)
+            shape, code = tuple(info.get_shape()), info.get_dtype()
+            dtype = hf.SAFETENSORS_DTYPES.get(code)
+            if dtype is None:
+                raise ValueError(f"{path}: tensor {name} has dtype {code}; expected one of {sorted(hf.SAFETENSORS_DTYPES)}")
+            if self._dtype is not None and dtype != self._dtype:
+                raise ValueError(
+                    f"{path}: tensor {name} is {dtype} but other tensors are {self._dtype}; "
+                    "all tensors of a checkpoint must share one dtype"
+                )
+            self._dtype = dtype
+            if key in self._expected and shape != global_shape(key, self.args):
+                raise ValueError(
+                    f"{path}: tensor {name} ({key}) has shape {shape}, expected {global_shape(key, self.args)} "
+                    "from config.json"
+                )
+            first = first or name
+        if first is not None:
+            self._releasable[path] = privately_mapped_from(handle.get_tensor(first), path)
+
+    def _check_complete(self) -> None:
+        keys, wanted = set(self._where), self._expected
+        missing, unexpected = sorted(wanted - keys), sorted(keys - wanted)
+        if missing or unexpected:
+
+            def shown(keys: List[str]) -> List[str]:
+                return [hf.meta_to_hf_name(k) for k in keys[:5]] + (["..."] if len(keys) > 5 else [])
+
+            raise ValueError(
+                f"the safetensors files in {self.ckpt_dir} do not match config.json "
+                f"(num_hidden_layers={self.args.n_layers}): missing {shown(missing)}, unexpected {shown(unexpected)}"
+            )
+
+    def shard(self, index: int) -> Mapping:
+        """The whole model as a lazy read-only mapping of Meta keys to full tensors (index 0 only)."""
+        if index != 0:
+            raise IndexError(f"a Hugging Face checkpoint is a single shard; got shard index {index}")
+        return _LazyShard(self)
+
+    def embedding_rows(self) -> int:
+        path, name = self._where["tok_embeddings.weight"]
+        return self._handles[path].get_slice(name).get_shape()[0]
+
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    def tensor(self, key: str, rank: int, world: int) -> torch.Tensor:
+        """The slice of ``key`` that ``rank`` of ``world`` holds, in Meta's layout."""
+        path, name = self._where[key]
+        dim = split_dim(key)
+        if dim is None:
+            return self._handles[path].get_tensor(name)
+        start, stop = rank_range(key, self.args, rank, world)
+        full = global_shape(key, self.args)[dim]
+        if (start, stop) == (0, full):
+            t = self._handles[path].get_tensor(name)
+        else:
+            piece = self._handles[path].get_slice(name)
+            t = piece[start:stop] if dim == 0 else piece[:, start:stop]
+        if key.endswith(("attention.wq.weight", "attention.wk.weight")):
+            t = hf.permute_from_hf(t.contiguous(), (stop - start) // self.args.head_dim)
+        return t
+
+    def release(self, key: str, keep: Optional[torch.Tensor] = None) -> None:
+        path, name = self._where[key]
+        if self._releasable.get(path) and path in self._handles:
+            release_pages(self._handles[path].get_tensor(name), keep)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+class _LazyShard(Mapping):
+    """Meta key -> full tensor of an :class:`HFCheckpoint`, read on access."""
+
+    def __init__(self, checkpoint: HFCheckpoint):
+        self._checkpoint = checkpoint
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._checkpoint._where:
+            raise KeyError(key)
+        return self._checkpoint.tensor(key, 0, 1)
+
+    def __iter__(self):
+        return iter(expected_keys(self._checkpoint.args))
+
+    def __len__(self) -> int:
+        return len(self._checkpoint._where)
 
 
 def to_target(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -246,35 +541,98 @@ def to_target(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torc
 
 
 def load_into(model: torch.nn.Module, source, rank: int, world: int, device: torch.device, dtype: torch.dtype) -> None:
-    """Fill ``model`` (built on the meta device) with its slice of ``source``, tensor by tensor."""
-    state = {key: to_target(t, device, dtype) for key, t in source.state_dict_for_rank(rank, world)}
+    """Fill ``model`` (built on the meta device) with its slice of ``source``, tensor by tensor.
+
+    After each tensor is converted, the source pages it read are released, so at any
+    time only one source tensor's pages are resident beside the converted weights.
+    """
+    state = {}
+    for key, t in source.state_dict_for_rank(rank, world):
+        state[key] = to_target(t, device, dtype)
+        del t  # a merged or permuted source slice is freed before the next one is read
+        source.release(key, keep=state[key])
     model.load_state_dict(state, strict=True, assign=True)
     for p in model.parameters():
         p.requires_grad_(False)
 
 
+def checkpoint_format(ckpt_dir: Path) -> str:
+    """``"meta"`` (params.json) or ``"hf"`` (config.json + safetensors) for ``ckpt_dir``; a clear error otherwise.
+
+    A directory holding both (some Hub repositories do) is read as whichever has weights, Meta's first.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {ckpt_dir} not found")
+    meta, config = (ckpt_dir / "params.json").exists(), (ckpt_dir / "config.json").is_file()
+    has_pth, has_safetensors = any(ckpt_dir.glob("consolidated.*.pth")), any(ckpt_dir.glob("*.safetensors"))
+    if meta and (has_pth or not (config and has_safetensors)):
+        return "meta"
+    if config:
+        return "hf"
+    if has_pth:
+        raise FileNotFoundError(
+            f"{ckpt_dir / 'params.json'} not found: a Meta checkpoint directory must contain params.json "
+            "next to its consolidated.NN.pth shards"
+        )
+    raise FileNotFoundError(
+        f"{ckpt_dir} is not a checkpoint directory: it has neither params.json (Meta format, with "
+        "consolidated.NN.pth shards) nor config.json with *.safetensors (Hugging Face format)"
+    )
+
+
 def read_params(ckpt_dir: Path) -> dict:
-    """The raw ``params.json`` of a checkpoint directory (validated by ``ModelArgs``)."""
-    path = Path(ckpt_dir) / "params.json"
+    """``params.json`` of a checkpoint directory (validated by ``ModelArgs``).
+
+    For a Hugging Face directory, the equivalent Meta ``params.json`` built from config.json.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if checkpoint_format(ckpt_dir) == "hf":
+        path = ckpt_dir / "config.json"
+        return hf.meta_params(hf.args_from_hf_config(hf.read_hf_config(path), source=str(path)))
+    path = ckpt_dir / "params.json"
     ModelArgs.from_json(path)  # raises a clear error for a missing, broken or unknown-keyed file
     return json.loads(path.read_text())
 
 
+def verify_checkpoint(ckpt_dir: Path) -> None:
+    """Check every file of ``ckpt_dir/checklist.chk`` (md5); ValueError naming the files that fail."""
+    from .verify import CHECKLIST, md5_file, read_checklist
+
+    ckpt_dir = Path(ckpt_dir)
+    checklist = ckpt_dir / CHECKLIST
+    if not checklist.is_file():
+        raise FileNotFoundError(
+            f"{checklist} not found: cannot verify {ckpt_dir} (build with verify=False to skip the check)"
+        )
+    missing, corrupt = [], []
+    for expected, name in read_checklist(checklist):
+        path = ckpt_dir / name
+        if not path.is_file():
+            missing.append(name)
+        elif md5_file(path) != expected:
+            corrupt.append(name)
+    if missing or corrupt:
+        problems = ([f"missing: {missing}"] if missing else []) + ([f"md5 mismatch: {corrupt}"] if corrupt else [])
+        raise ValueError(
+            f"{ckpt_dir} failed verification against {CHECKLIST} ({'; '.join(problems)}); download those files again"
+        )
+
+
 def open_checkpoint(ckpt_dir: Path, vocab_size: Optional[int] = None, **overrides) -> ShardedState:
-    """Open a checkpoint directory for reading at any world size.
+    """Open a checkpoint directory (Meta or Hugging Face format) for reading at any world size.
 
     ``vocab_size=-1`` in params.json is taken from ``vocab_size`` (the tokenizer's)
     or else from the embedding; ``overrides`` set ModelArgs fields (e.g. max_seq_len).
     """
     ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {ckpt_dir} not found")
+    if checkpoint_format(ckpt_dir) == "hf":
+        return HFCheckpoint(ckpt_dir, **overrides)
     args = ModelArgs.from_json(ckpt_dir / "params.json", **overrides)
+    checkpoint = MetaCheckpoint(ckpt_dir, args)
     if args.vocab_size == -1:
-        if vocab_size is None:
-            vocab_size = load_shard(find_shards(ckpt_dir)[0])["tok_embeddings.weight"].shape[0]
-        args = replace(args, vocab_size=vocab_size)
-    return MetaCheckpoint(ckpt_dir, args)
+        checkpoint.args = replace(args, vocab_size=vocab_size if vocab_size is not None else checkpoint.embedding_rows())
+    return checkpoint
 
 
 def save_checkpoint(
@@ -295,11 +653,12 @@ def save_checkpoint(
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for rank in range(n_shards):
-        # clone(): torch.save would otherwise store the whole storage behind each view.
-        shard = {
-            key: (t.to(dtype) if dtype is not None and t.dtype != dtype else t.clone())
-            for key, t in source.state_dict_for_rank(rank, n_shards)
-        }
+        shard = {}
+        for key, t in source.state_dict_for_rank(rank, n_shards):
+            # clone(): torch.save would otherwise store the whole storage behind each view.
+            shard[key] = t.to(dtype) if dtype is not None and t.dtype != dtype else t.clone()
+            del t
+            source.release(key, keep=shard[key])
         path = out_dir / f"consolidated.{rank:02d}.pth"
         torch.save(shard, path)
         paths.append(path)

@@ -5,8 +5,10 @@ Llama rotates the two halves of each head (x[i], x[i + d/2]). Converting weights
 permutes the rows of wq and wk within each head so both give the same logits.
 """
 
+import json
 import re
-from typing import Dict, Optional, Tuple
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
@@ -33,8 +35,21 @@ _HF_TOP_NAMES = {v: k for k, v in _TOP_NAMES.items()}
 _META_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
+# Buffers some Hugging Face checkpoints also store; recomputed, never loaded.
+HF_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+# safetensors dtype codes of the floating-point types a Llama checkpoint may hold.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+SAFETENSORS_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
 
 def meta_to_hf_name(key: str) -> str:
+    """Hugging Face name of Meta checkpoint key ``key`` (e.g. ``layers.0.attention.wq.weight``)."""
     if key in _TOP_NAMES:
         return _TOP_NAMES[key]
     m = _META_LAYER.fullmatch(key)
@@ -44,6 +59,7 @@ def meta_to_hf_name(key: str) -> str:
 
 
 def hf_to_meta_name(key: str) -> str:
+    """Meta checkpoint key of Hugging Face tensor ``key`` (e.g. ``model.layers.0.self_attn.q_proj.weight``)."""
     if key in _HF_TOP_NAMES:
         return _HF_TOP_NAMES[key]
     m = _HF_LAYER.fullmatch(key)
@@ -67,6 +83,7 @@ def permute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def meta_tensor_to_hf(key: str, t: torch.Tensor, args: ModelArgs) -> Tuple[str, torch.Tensor]:
+    """(Hugging Face name, tensor in Hugging Face layout) of a full Meta tensor."""
     if key.endswith("attention.wq.weight"):
         t = permute_to_hf(t, args.n_heads)
     elif key.endswith("attention.wk.weight"):
@@ -75,6 +92,7 @@ def meta_tensor_to_hf(key: str, t: torch.Tensor, args: ModelArgs) -> Tuple[str, 
 
 
 def hf_tensor_to_meta(key: str, t: torch.Tensor, args: ModelArgs) -> Tuple[str, torch.Tensor]:
+    """(Meta key, tensor in Meta layout) of a full Hugging Face tensor."""
     name = hf_to_meta_name(key)
     if name.endswith("attention.wq.weight"):
         t = permute_from_hf(t, args.n_heads)
@@ -88,8 +106,15 @@ def meta_to_hf_state_dict(state: Dict[str, torch.Tensor], args: ModelArgs) -> Di
     return dict(meta_tensor_to_hf(k, v, args) for k, v in state.items() if k != "rope.freqs")
 
 
-def hf_config(args: ModelArgs, dtype: torch.dtype = torch.float16, max_position_embeddings: int = 4096) -> dict:
+def hf_config(
+    args: ModelArgs,
+    dtype: torch.dtype = torch.float16,
+    max_position_embeddings: int = 4096,
+    bos_token_id: int = 1,
+    eos_token_id: int = 2,
+) -> dict:
     """``config.json`` for ``LlamaForCausalLM`` with the same architecture as ``args``."""
+    dtype_name = str(dtype).removeprefix("torch.")
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -99,6 +124,7 @@ def hf_config(args: ModelArgs, dtype: torch.dtype = torch.float16, max_position_
         "num_hidden_layers": args.n_layers,
         "num_attention_heads": args.n_heads,
         "num_key_value_heads": args.kv_heads,
+        "head_dim": args.head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": max_position_embeddings,
         "rms_norm_eps": args.norm_eps,
@@ -108,24 +134,56 @@ def hf_config(args: ModelArgs, dtype: torch.dtype = torch.float16, max_position_
         "tie_word_embeddings": False,
         "attention_bias": False,
         "mlp_bias": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "torch_dtype": str(dtype).removeprefix("torch."),
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        # transformers < 5 reads torch_dtype, >= 5 reads dtype
+        "torch_dtype": dtype_name,
+        "dtype": dtype_name,
     }
 
 
-def args_from_hf_config(config: dict, **overrides) -> ModelArgs:
-    """``ModelArgs`` for a Hugging Face ``config.json`` (Llama architecture only)."""
+def read_hf_config(path: Union[str, Path]) -> dict:
+    """The raw ``config.json`` at ``path``, with a clear error when missing or not a JSON object."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a Hugging Face checkpoint directory must contain config.json")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def args_from_hf_config(config: dict, source: str = "config.json", **overrides) -> ModelArgs:
+    """``ModelArgs`` for a Hugging Face ``config.json`` (Llama 2 architecture only).
+
+    ``overrides`` set the fields config.json does not hold (e.g. ``max_seq_len``).
+    """
     if config.get("model_type") != "llama":
-        raise ValueError(f"config.json has model_type={config.get('model_type')!r}; only 'llama' is supported")
+        raise ValueError(f"{source} has model_type={config.get('model_type')!r}; only 'llama' is supported")
     if config.get("tie_word_embeddings"):
-        raise ValueError("tied input/output embeddings are not a Llama 2 layout")
+        raise ValueError(f"{source}: tied input/output embeddings are not a Llama 2 layout")
     rope = config.get("rope_parameters") or {}
     if (config.get("rope_scaling") or {}).get("rope_type", "default") not in ("default", None) or rope.get(
         "rope_type", "default"
     ) != "default":
-        raise ValueError("RoPE scaling (Llama 3.1 style) is not supported by Llama 2 checkpoints")
+        raise ValueError(f"{source}: RoPE scaling (Llama 3.1 style) is not supported by Llama 2 checkpoints")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{source} has hidden_act={config['hidden_act']!r}; Llama uses 'silu'")
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        raise ValueError(f"{source}: attention or MLP biases are not part of the Llama 2 architecture")
+    missing = [k for k in ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers", "vocab_size")
+               if k not in config]
+    if missing:
+        raise ValueError(f"{source} lacks {missing}; is it a LlamaForCausalLM config?")
     dim, heads, hidden = config["hidden_size"], config["num_attention_heads"], config["intermediate_size"]
+    if config.get("head_dim") not in (None, dim // heads) or dim % heads:
+        raise ValueError(
+            f"{source} has head_dim={config.get('head_dim')} with hidden_size={dim} and "
+            f"num_attention_heads={heads}; Llama 2 needs head_dim = hidden_size / num_attention_heads"
+        )
     multiple_of, ffn_dim_multiplier = _ffn_params(dim, hidden)
     return ModelArgs(
         dim=dim,
@@ -139,6 +197,22 @@ def args_from_hf_config(config: dict, **overrides) -> ModelArgs:
         rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
         **overrides,
     )
+
+
+def meta_params(args: ModelArgs) -> dict:
+    """``params.json`` contents (Meta's keys) for the architecture ``args``; absent optional keys left out."""
+    params = {
+        "dim": args.dim,
+        "n_layers": args.n_layers,
+        "n_heads": args.n_heads,
+        "n_kv_heads": args.kv_heads,
+        "vocab_size": args.vocab_size,
+        "multiple_of": args.multiple_of,
+        "ffn_dim_multiplier": args.ffn_dim_multiplier,
+        "norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+    }
+    return {k: v for k, v in params.items() if v is not None}
 
 
 def _ffn_params(dim: int, hidden: int) -> Tuple[int, Optional[float]]:
