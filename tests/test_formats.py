@@ -78,9 +78,8 @@ def test_sharded_hf_with_index_loads(meta_gqa, hf_gqa, tmp_path):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 3 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
-    assert index["metadata"]["total_size"] == sum(
-        torch.Size(global_shape(k, open_checkpoint(meta_gqa).args)).numel() * 4 for k in expected_keys(open_checkpoint(meta_gqa).args)
-    )
+    args = open_checkpoint(meta_gqa).args
+    assert index["metadata"]["total_size"] == sum(torch.Size(global_shape(k, args)).numel() * 4 for k in expected_keys(args))
     a = logits(build(hf_gqa, hf_gqa / "tokenizer.model"))
     b = logits(build(out, out / "tokenizer.model"))
     assert torch.equal(a, b)
