@@ -213,9 +213,9 @@ class Llama:
         prev_pos = 0
         if min_prompt_len == total_len:
             logits = self.model.forward(tokens, prev_pos)
-            if logprobs:
-                state.token_logprobs = -F.cross_entropy(
-                    logits.transpose(1, 2), tokens, reduction="none", ignore_index=pad_id
+            if logprobs:  # token t is scored by the logits at t - 1; position 0 keeps 0
+                state.token_logprobs[:, 1:] = -F.cross_entropy(
+                    logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none", ignore_index=pad_id
                 )
         for cur_pos in range(min_prompt_len, total_len):
             # Rows whose prompt is longer than min_prompt_len take their next prompt
@@ -359,8 +359,9 @@ class DecodeState:
             end = len(self.prompt_tokens[i]) + self.max_gen_len
             toks = toks[start:end]
             probs = all_logprobs[i][start:end] if all_logprobs is not None else None
-            if eos_id in toks:
-                eos_idx = toks.index(eos_id)
+            generated = len(self.prompt_tokens[i]) - start  # first generated index in toks
+            if eos_id in toks[generated:]:  # an EOS inside an echoed prompt (chat turns) stays
+                eos_idx = toks.index(eos_id, generated)
                 toks = toks[:eos_idx]
                 probs = probs[:eos_idx] if probs is not None else None
             out_tokens.append(toks)

@@ -1,0 +1,105 @@
+"""The example scripts end to end, in subprocesses: plain ``python`` and ``torch.distributed.run``.
+
+Each run must exit 0 and print every prompt (or every message of every dialog) once.
+The tiny tokenizer of the tests spends about one token per character, so the runs use
+a ``max_seq_len`` that fits the longest example prompt (about 100 and 190 tokens).
+"""
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llama.demo import DEMO_NOTICE
+
+REPO = Path(__file__).resolve().parents[1]
+SEPARATOR = "=================================="
+TIMEOUT_S = 120
+
+SCRIPTS = {
+    "text": ("example_text_completion.py", "prompts", ["--max_seq_len", "128", "--max_gen_len", "8"]),
+    "chat": ("example_chat_completion.py", "dialogs", ["--max_seq_len", "256", "--max_gen_len", "8"]),
+}
+LAUNCHERS = {
+    "python": [sys.executable],
+    # --standalone: a free port for the rendezvous, so concurrent test runs cannot collide.
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"],
+}
+
+
+def script_inputs(script: str, name: str) -> list:
+    """The literal list assigned to ``name`` in the script (its prompts or dialogs)."""
+    tree = ast.parse((REPO / script).read_text())
+    for node in ast.walk(tree):
+        targets = [node.target] if isinstance(node, ast.AnnAssign) else getattr(node, "targets", [])
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and any(
+            isinstance(t, ast.Name) and t.id == name for t in targets
+        ):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"{script} assigns no literal {name}")
+
+
+def expected_lines(kind: str) -> list:
+    script, name, _ = SCRIPTS[kind]
+    inputs = script_inputs(script, name)
+    if kind == "text":
+        return inputs
+    return [f"{m['role'].capitalize()}: {m['content']}" for dialog in inputs for m in dialog]
+
+
+def run_example(kind: str, launcher: str, args: list, extra_env: dict = None) -> str:
+    script, _, defaults = SCRIPTS[kind]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", **(extra_env or {}))
+    cmd = LAUNCHERS[launcher] + [script] + args + defaults
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=env, capture_output=True, text=True, errors="replace", timeout=TIMEOUT_S
+    )
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    out = proc.stdout
+    n_items = len(script_inputs(script, SCRIPTS[kind][1]))
+    assert out.count(SEPARATOR) == n_items, out  # one result per prompt, printed once (rank 0 only)
+    for line in expected_lines(kind):
+        assert out.count(line) == 1, f"{line!r} not printed once:\n{out}"
+    return out
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+@pytest.mark.parametrize("kind", sorted(SCRIPTS))
+def test_example_with_checkpoint(kind, launcher, tiny_checkpoint, tiny_tokenizer_path):
+    out = run_example(kind, launcher, ["--ckpt_dir", str(tiny_checkpoint), "--tokenizer_path", str(tiny_tokenizer_path)])
+    assert "Loaded in" in out
+    assert DEMO_NOTICE not in out
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory) -> Path:
+    """The demo model, built once per test session into a temporary LLAMA_DEMO_CACHE."""
+    from llama import demo
+
+    ensure = getattr(demo, "ensure_demo_model", None)
+    if ensure is None:
+        pytest.skip("llama.demo has no ensure_demo_model yet: cannot build the demo model the scripts fall back on")
+    cache = tmp_path_factory.mktemp("demo-cache")
+    previous = os.environ.get("LLAMA_DEMO_CACHE")
+    os.environ["LLAMA_DEMO_CACHE"] = str(cache)
+    try:
+        ckpt_dir, tokenizer_path = ensure(verbose=False)
+    finally:
+        if previous is None:
+            del os.environ["LLAMA_DEMO_CACHE"]
+        else:
+            os.environ["LLAMA_DEMO_CACHE"] = previous
+    assert Path(ckpt_dir).resolve().is_relative_to(cache.resolve()), f"built in {ckpt_dir}, not in LLAMA_DEMO_CACHE"
+    assert (Path(ckpt_dir) / "params.json").is_file() and Path(tokenizer_path).is_file()
+    return cache
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+@pytest.mark.parametrize("kind", sorted(SCRIPTS))
+def test_example_with_demo_model(kind, launcher, demo_cache):
+    out = run_example(kind, launcher, [], {"LLAMA_DEMO_CACHE": str(demo_cache)})
+    assert out.count(DEMO_NOTICE) == 1
