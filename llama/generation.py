@@ -53,6 +53,7 @@ class Llama:
         dtype: Union[None, str, torch.dtype] = None,
         compile: bool = False,
         verify: bool = False,
+        quantize: Optional[str] = None,
     ) -> "Llama":
         """Load a checkpoint directory and tokenizer, ready to generate.
 
@@ -74,6 +75,8 @@ class Llama:
                 CPU). Costs a warm-up (printed) and pays off on long generations.
             verify: check the md5 sums of ``ckpt_dir/checklist.chk`` before loading
                 (every rank reads every file once more; a ValueError names the files that fail).
+            quantize: ``"int8"``: weight-only int8 linear layers (per output row scales),
+                quantized tensor by tensor while loading; see :mod:`llama.quantize`.
         """
         start_time = time.time()
         device = distributed.select_device(device)
@@ -101,7 +104,12 @@ class Llama:
                 )
             params.check_model_parallel_size(world)
             model = Transformer(params, device="meta", dtype=dtype)
-            load_into(model, checkpoint, rank, world, device, dtype)
+            if quantize is None:
+                load_into(model, checkpoint, rank, world, device, dtype)
+            else:
+                from .quantize import load_quantized
+
+                load_quantized(model, checkpoint, rank, world, device, dtype, quantize)
             checkpoint.close()
             model.allocate_buffers(device, dtype)
             return model, tokenizer

@@ -1,0 +1,62 @@
+"""benchmarks/bench.py runs end to end on the tiny shape and prints its JSON line."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks" / "bench.py"
+COMMON = ["--shape", "tiny", "--gen-tokens", "8", "--repeats", "1", "--prompt-len", "16", "--batch-sizes", "1,2",
+          "--threads", "1"]
+ROW_FIELDS = {"impl", "batch", "ttft_s", "prefill_tok_s", "decode_tok_s", "decode_tok_s_best", "ms_per_step",
+              "pct_of_bandwidth_limit", "speedup_vs_ours"}
+
+
+def run_bench(*extra) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(BENCH), *COMMON, *extra], capture_output=True, text=True,
+                            timeout=300, cwd=REPO, env=env)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    lines = result.stdout.strip().splitlines()
+    assert "decode tok/s" in result.stdout  # the table
+    return json.loads(lines[-1])
+
+
+def check_common(r: dict, impls: set) -> None:
+    assert r["shape"] == "tiny" and r["device"] == "cpu" and r["dtype"] == "float32" and r["threads"] == 1
+    assert r["read_bandwidth_gb_s"] > 0
+    assert {(row["impl"], row["batch"]) for row in r["results"]} == {(i, b) for i in impls for b in (1, 2)}
+    for row in r["results"]:
+        assert ROW_FIELDS <= set(row)
+        assert row["decode_tok_s"] > 0 and row["ttft_s"] > 0 and row["pct_of_bandwidth_limit"] > 0
+    assert set(r["weight_bytes_per_step"]) == impls
+    assert r["load"]["ours"]["s"] > 0
+    assert r["memory"]["peak_rss_mb"] > 0
+    machine = r["machine"]
+    assert machine["torch"] and machine["cpu"] and machine["load_average"] is not None
+
+
+def test_bench_ours_only(tmp_path):
+    out = tmp_path / "results" / "tiny.json"
+    r = run_bench("--skip-hf", "--out", str(out))
+    check_common(r, {"ours"})
+    assert json.loads(out.read_text()) == r
+
+
+def test_bench_against_transformers_with_int8():
+    pytest.importorskip("transformers")
+    r = run_bench("--quantize", "int8")
+    check_common(r, {"ours", "ours-int8", "hf"})
+    assert r["quantize"] == "int8"
+    # int8 reads about a quarter of the float32 bytes
+    assert r["weight_bytes_per_step"]["ours-int8"] < 0.35 * r["weight_bytes_per_step"]["ours"]
+    assert r["weight_bytes_per_step"]["hf"] == r["weight_bytes_per_step"]["ours"]
+    hf_rows = [row for row in r["results"] if row["impl"] == "hf"]
+    # the same weights, greedy: transformers generates our tokens (float32, tiny model)
+    assert all(row["tokens_equal_to_ours"] == 1.0 for row in hf_rows)
+    assert r["impl_notes"]["hf"]["kv_cache"] == "dynamic"
+    assert r["load"]["hf"]["s"] > 0
