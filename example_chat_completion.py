@@ -2,6 +2,10 @@
 
     torchrun --nproc_per_node 1 example_chat_completion.py --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model
     python example_chat_completion.py          # the built-in demo model, no download
+    python example_chat_completion.py --interactive --system "Answer briefly."   # chat in the terminal
+
+Replies are printed as they are generated when stdout is a terminal (--stream
+true/false to choose); the text is the same either way.
 """
 
 from typing import List, Optional
@@ -9,7 +13,9 @@ from typing import List, Optional
 import fire
 
 from llama import Dialog, Llama
-from llama.cli import rank0_print, resolve_model
+from llama.chat_repl import run_chat
+from llama.cli import rank0_print, resolve_model, stream_flag
+from llama.streaming import StreamEvent, in_order
 
 
 def main(
@@ -22,12 +28,20 @@ def main(
     max_gen_len: Optional[int] = None,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    stream: Optional[bool] = None,
+    interactive: bool = False,
+    system: Optional[str] = None,
 ):
     """Answer a few dialogs: single questions, multi-turn conversations and system prompts.
 
     Without --ckpt_dir, runs the built-in demo model (built on first use).
     max_gen_len defaults to max_seq_len - 1.
+    --stream true/false: print replies as they are generated (default: when stdout is a terminal).
+    --interactive: chat instead (with --system "..." as the system prompt): replies stream,
+    the conversation is kept (its oldest turns dropped when it outgrows max_seq_len),
+    /reset forgets it, /quit or Ctrl-D ends. Works under torchrun: rank 0 reads the input.
     """
+    stream = stream_flag(stream)
     ckpt_dir, tokenizer_path = resolve_model(ckpt_dir, tokenizer_path)
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
@@ -37,6 +51,11 @@ def main(
         device=device,
         dtype=dtype,
     )
+    if interactive:
+        run_chat(generator, system, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
+        return
+    if system is not None:
+        raise SystemExit("--system goes with --interactive (the example dialogs have their own system prompts)")
 
     dialogs: List[Dialog] = [
         [{"role": "user", "content": "What is the capital of France?"}],
@@ -57,17 +76,23 @@ def main(
             {"role": "user", "content": "Why is the sky blue?"},
         ],
     ]
-    results = generator.chat_completion(
-        dialogs,
-        max_gen_len=max_gen_len,
-        temperature=temperature,
-        top_p=top_p,
-    )
-    for dialog, result in zip(dialogs, results):
-        for msg in dialog:
-            rank0_print(f"{msg['role'].capitalize()}: {msg['content']}\n")
-        rank0_print(f"> {result['generation']['role'].capitalize()}: {result['generation']['content']}")
-        rank0_print("\n==================================\n")
+    if stream:  # the same batch, shown one reply after the other as it is generated
+        events = in_order(
+            generator.stream_batch_chat_completion(dialogs, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
+        )
+    else:
+        results = generator.chat_completion(dialogs, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
+        events = (StreamEvent(i, result["generation"]["content"], True) for i, result in enumerate(results))
+    shown = -1
+    for event in events:
+        if event.index != shown:
+            shown = event.index
+            for msg in dialogs[shown]:
+                rank0_print(f"{msg['role'].capitalize()}: {msg['content']}\n")
+            rank0_print("> Assistant: ", end="")
+        rank0_print(event.text, end="")
+        if event.done:
+            rank0_print("\n\n==================================\n")
 
 
 if __name__ == "__main__":

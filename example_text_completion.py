@@ -2,6 +2,9 @@
 
     torchrun --nproc_per_node 1 example_text_completion.py --ckpt_dir llama-2-7b/ --tokenizer_path tokenizer.model
     python example_text_completion.py          # the built-in demo model, no download
+
+Completions are printed as they are generated when stdout is a terminal (--stream
+true/false to choose); the text is the same either way.
 """
 
 from typing import List, Optional
@@ -9,7 +12,8 @@ from typing import List, Optional
 import fire
 
 from llama import Llama
-from llama.cli import rank0_print, resolve_model
+from llama.cli import rank0_print, resolve_model, stream_flag
+from llama.streaming import StreamEvent, in_order
 
 
 def main(
@@ -22,12 +26,15 @@ def main(
     max_batch_size: int = 4,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    stream: Optional[bool] = None,
 ):
     """Complete a few prompts: plain continuations and few-shot patterns.
 
     Without --ckpt_dir, runs the built-in demo model (built on first use).
     Pretrained models only continue text: the prompt should make the answer its natural continuation.
+    --stream true/false: print completions as they are generated (default: when stdout is a terminal).
     """
+    stream = stream_flag(stream)
     ckpt_dir, tokenizer_path = resolve_model(ckpt_dir, tokenizer_path)
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
@@ -56,16 +63,22 @@ good morning => guten Morgen
 thank you => danke
 bread =>""",
     ]
-    results = generator.text_completion(
-        prompts,
-        max_gen_len=max_gen_len,
-        temperature=temperature,
-        top_p=top_p,
-    )
-    for prompt, result in zip(prompts, results):
-        rank0_print(prompt)
-        rank0_print(f"> {result['generation']}")
-        rank0_print("\n==================================\n")
+    if stream:  # the same batch, shown one completion after the other as it is generated
+        events = in_order(
+            generator.stream_batch_text_completion(prompts, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
+        )
+    else:
+        results = generator.text_completion(prompts, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
+        events = (StreamEvent(i, result["generation"], True) for i, result in enumerate(results))
+    shown = -1
+    for event in events:
+        if event.index != shown:
+            shown = event.index
+            rank0_print(prompts[shown])
+            rank0_print("> ", end="")
+        rank0_print(event.text, end="")
+        if event.done:
+            rank0_print("\n\n==================================\n")
 
 
 if __name__ == "__main__":

@@ -24,3 +24,18 @@ def resolve_model(ckpt_dir: Optional[str], tokenizer_path: Optional[str]) -> Tup
     if tokenizer_path is None:
         raise SystemExit("--tokenizer_path is required with --ckpt_dir (the tokenizer.model downloaded with the weights)")
     return ckpt_dir, tokenizer_path
+
+
+def stream_flag(stream) -> bool:
+    """The example scripts' ``--stream``: True/False (or "true"/"false", "yes"/"no", "1"/"0");
+    None (not given) streams when stdout is a terminal."""
+    if stream is None:
+        return sys.stdout.isatty()
+    if isinstance(stream, bool):
+        return stream
+    value = str(stream).strip().lower()
+    if value in ("true", "yes", "1", "on"):
+        return True
+    if value in ("false", "no", "0", "off"):
+        return False
+    raise SystemExit(f"--stream takes true or false, got {stream!r}")

@@ -34,6 +34,7 @@ from .chat_format import (  # noqa: F401 - re-exported: upstream defines these h
 from .checkpoint import load_into, open_checkpoint, verify_checkpoint
 from .model import ModelArgs, Transformer
 from .sampling import check_sampling_args, next_tokens, sample_top_p  # noqa: F401
+from .streaming import GeneratedText, StreamEvent, normalize_stop, stream_rows
 from .tokenizer import Tokenizer
 
 
@@ -167,6 +168,19 @@ class Llama:
         With ``logprobs``, also returns the log-probability of each returned token.
         More prompts than ``max_batch_size`` are run in successive batches.
         """
+        self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p)
+        params = self.model.params
+        out_tokens: List[List[int]] = []
+        out_logprobs: List[List[float]] = []
+        for start in range(0, len(prompt_tokens), params.max_batch_size):
+            batch = prompt_tokens[start : start + params.max_batch_size]
+            toks, probs = self._generate_batch(batch, max_gen_len, temperature, top_p, logprobs, echo)
+            out_tokens += toks
+            out_logprobs += probs
+        return out_tokens, (out_logprobs if logprobs else None)
+
+    def _check_generate_args(self, prompt_tokens, max_gen_len, temperature, top_p, stop=()) -> None:
+        """Raise ValueError on bad arguments, or unless every rank passed the same ones."""
         check_sampling_args(temperature, top_p)
         if not isinstance(max_gen_len, int) or max_gen_len < 0:
             raise ValueError(f"max_gen_len must be an integer >= 0, got {max_gen_len!r}")
@@ -179,17 +193,9 @@ class Llama:
                     f"prompt {i} is {len(t)} tokens long, more than max_seq_len={params.max_seq_len}; "
                     "shorten it or build with a larger max_seq_len"
                 )
-        digest = hashlib.sha256(json.dumps([prompt_tokens, max_gen_len, temperature, top_p]).encode()).hexdigest()
+        agreed = [prompt_tokens, max_gen_len, temperature, top_p] + ([list(stop)] if stop else [])
+        digest = hashlib.sha256(json.dumps(agreed).encode()).hexdigest()
         distributed.check_ranks_agree(digest, "prompts and generation arguments")
-
-        out_tokens: List[List[int]] = []
-        out_logprobs: List[List[float]] = []
-        for start in range(0, len(prompt_tokens), params.max_batch_size):
-            batch = prompt_tokens[start : start + params.max_batch_size]
-            toks, probs = self._generate_batch(batch, max_gen_len, temperature, top_p, logprobs, echo)
-            out_tokens += toks
-            out_logprobs += probs
-        return out_tokens, (out_logprobs if logprobs else None)
 
     def _generate_batch(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo):
         state = None
@@ -257,35 +263,48 @@ class Llama:
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
         echo: bool = False,
+        stop: Union[None, str, List[str]] = None,
     ) -> List[CompletionPrediction]:
         """Complete each prompt string; returns ``[{"generation": str, ...}]`` in order.
 
         With ``logprobs``, each result also has ``"tokens"`` (the decoded pieces) and
         ``"logprobs"``. ``max_gen_len=None`` means ``max_seq_len - 1``.
+
+        ``stop``: strings (or one string) that end a prompt's generation as soon as its
+        generated text contains one; the text returned ends just before it, and
+        ``"tokens"``/``"logprobs"`` keep the tokens whose text precedes it. Stop strings
+        are looked for in the generated text only (with ``echo``: after the prompt).
         """
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a list of strings (wrap a single prompt in a list)")
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
-        generation_tokens, generation_logprobs = self.generate(
-            prompt_tokens=prompt_tokens,
-            max_gen_len=max_gen_len,
-            temperature=temperature,
-            top_p=top_p,
-            logprobs=logprobs,
-            echo=echo,
-        )
+        stop = normalize_stop(stop)
+        if stop:
+            texts, generation_tokens, generation_logprobs = self._generate_text(
+                prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, stop
+            )
+        else:
+            generation_tokens, generation_logprobs = self.generate(
+                prompt_tokens=prompt_tokens,
+                max_gen_len=max_gen_len,
+                temperature=temperature,
+                top_p=top_p,
+                logprobs=logprobs,
+                echo=echo,
+            )
+            texts = [self.tokenizer.decode(t) for t in generation_tokens]
         if logprobs:
             return [
                 {
-                    "generation": self.tokenizer.decode(t),
+                    "generation": text,
                     "tokens": [self.tokenizer.decode([x]) for x in t],
                     "logprobs": logprobs_i,
                 }
-                for t, logprobs_i in zip(generation_tokens, generation_logprobs)
+                for text, t, logprobs_i in zip(texts, generation_tokens, generation_logprobs)
             ]
-        return [{"generation": self.tokenizer.decode(t)} for t in generation_tokens]
+        return [{"generation": text} for text in texts]
 
     def chat_completion(
         self,
@@ -294,17 +313,54 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
+        stop: Union[None, str, List[str]] = None,
     ) -> List[ChatPrediction]:
         """Answer each dialog; returns ``[{"generation": {"role": "assistant", "content": str}, ...}]``.
 
         A dialog is ``[system?, user, assistant, ..., user]``. A dialog containing the
         special tags ``[INST]``, ``[/INST]``, ``<<SYS>>`` or ``<</SYS>>`` is not run and
-        gets ``UNSAFE_ERROR`` as its content.
+        gets ``UNSAFE_ERROR`` as its content. ``stop`` ends an answer just before the
+        first stop string it contains (see ``text_completion``).
         """
         if not isinstance(dialogs, (list, tuple)) or (dialogs and isinstance(dialogs[0], dict)):
             raise ValueError("dialogs must be a list of dialogs (each a list of messages); wrap a single dialog in a list")
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
+        unsafe, safe_ids, prompt_tokens = self._encode_dialogs(dialogs)
+        stop = normalize_stop(stop)
+        if prompt_tokens and stop:
+            texts, generation_tokens, generation_logprobs = self._generate_text(
+                prompt_tokens, max_gen_len, temperature, top_p, logprobs, False, stop
+            )
+        else:
+            generation_tokens, generation_logprobs = self.generate(
+                prompt_tokens=prompt_tokens,
+                max_gen_len=max_gen_len,
+                temperature=temperature,
+                top_p=top_p,
+                logprobs=logprobs,
+            ) if prompt_tokens else ([], [] if logprobs else None)
+            texts = [self.tokenizer.decode(t) for t in generation_tokens]
+
+        results: List[ChatPrediction] = [
+            {"generation": {"role": "assistant", "content": UNSAFE_ERROR}} for _ in dialogs
+        ]
+        for j, i in enumerate(safe_ids):
+            t = generation_tokens[j]
+            results[i] = {"generation": {"role": "assistant", "content": texts[j]}}
+            if logprobs:
+                results[i]["tokens"] = [self.tokenizer.decode([x]) for x in t]
+                results[i]["logprobs"] = generation_logprobs[j]
+        if logprobs:
+            for i in range(len(dialogs)):
+                if unsafe[i]:
+                    results[i]["tokens"], results[i]["logprobs"] = [], []
+        return results
+
+
+    def _encode_dialogs(self, dialogs: List[Dialog]) -> Tuple[List[bool], List[int], List[List[int]]]:
+        """Validate ``dialogs``; returns which are unsafe (special tags), the indices of
+        the others and their prompt tokens (each checked to fit ``max_seq_len``)."""
         for i, dialog in enumerate(dialogs):
             validate_dialog(dialog, i)
         unsafe = [has_special_tags(dialog) for dialog in dialogs]
@@ -316,28 +372,125 @@ class Llama:
                     f"dialog {safe_ids[j]} is {len(t)} tokens long, more than max_seq_len="
                     f"{self.model.params.max_seq_len}; shorten it or build with a larger max_seq_len"
                 )
-        generation_tokens, generation_logprobs = self.generate(
-            prompt_tokens=prompt_tokens,
-            max_gen_len=max_gen_len,
-            temperature=temperature,
-            top_p=top_p,
-            logprobs=logprobs,
-        ) if prompt_tokens else ([], [] if logprobs else None)
+        return unsafe, safe_ids, prompt_tokens
 
-        results: List[ChatPrediction] = [
-            {"generation": {"role": "assistant", "content": UNSAFE_ERROR}} for _ in dialogs
-        ]
-        for j, i in enumerate(safe_ids):
-            t = generation_tokens[j]
-            results[i] = {"generation": {"role": "assistant", "content": self.tokenizer.decode(t)}}
-            if logprobs:
-                results[i]["tokens"] = [self.tokenizer.decode([x]) for x in t]
-                results[i]["logprobs"] = generation_logprobs[j]
-        if logprobs:
+    def _generate_text(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, stop):
+        """``generate`` with stop strings: per prompt the text (with ``echo``, the prompt's
+        text first), the tokens reported and their log-probabilities (or None)."""
+        self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p, stop)
+        rows: List[GeneratedText] = []
+        for _ in self._stream_events(prompt_tokens, max_gen_len, temperature, top_p, stop, logprobs, echo, rows):
+            pass
+        texts = [(self.tokenizer.decode(p) if echo else "") + row.text for p, row in zip(prompt_tokens, rows)]
+        return texts, [row.tokens for row in rows], ([row.logprobs for row in rows] if logprobs else None)
+
+    @torch.inference_mode()
+    def _stream_events(
+        self, prompt_tokens, max_gen_len, temperature, top_p, stop, logprobs=False, echo=False, results=None
+    ) -> Iterator[StreamEvent]:
+        """Decode in batches of ``max_batch_size``, yielding text events (arguments checked)."""
+        batch_size = self.model.params.max_batch_size
+        for start in range(0, len(prompt_tokens), batch_size):
+            batch = prompt_tokens[start : start + batch_size]
+            states = self._decode(batch, max_gen_len, temperature, top_p, logprobs)
+            for event in stream_rows(states, self.tokenizer, batch, max_gen_len, stop, echo, results):
+                yield event._replace(index=start + event.index)
+
+    def stream_batch_text_completion(
+        self,
+        prompts: List[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        stop: Union[None, str, List[str]] = None,
+    ) -> Iterator[StreamEvent]:
+        """Complete several prompts at once, streaming: yields ``StreamEvent(index, text, done)``.
+
+        Each prompt's ``text`` pieces, in order, add up to its ``text_completion``
+        generation (same arguments, same generator state); its last event has
+        ``done=True``. Events of different prompts interleave as the batch advances;
+        ``llama.streaming.in_order`` reorders them for printing. Arguments are checked
+        now; the model runs as the iterator is consumed (on every rank, under torchrun),
+        so finish or drop one stream before starting another generation on this model.
+        """
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be a list of strings (use stream_text_completion for a single prompt)")
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        stop = normalize_stop(stop)
+        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p, stop)
+        return self._stream_events(prompt_tokens, max_gen_len, temperature, top_p, stop)
+
+    def stream_text_completion(
+        self,
+        prompt: str,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        stop: Union[None, str, List[str]] = None,
+    ) -> Iterator[str]:
+        """Complete one prompt, yielding the generated text in pieces as tokens are produced.
+
+        The pieces (never empty) concatenate to ``text_completion([prompt], ...)``'s
+        generation for the same generator state; a character split over several tokens
+        comes out whole, and no part of a stop string is ever yielded. Stopping the
+        iteration early ends the generation.
+        """
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+        events = self.stream_batch_text_completion([prompt], temperature, top_p, max_gen_len, stop)
+        return (event.text for event in events if event.text)
+
+    def stream_batch_chat_completion(
+        self,
+        dialogs: List[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        stop: Union[None, str, List[str]] = None,
+    ) -> Iterator[StreamEvent]:
+        """Answer several dialogs at once, streaming ``StreamEvent(index, text, done)``.
+
+        Each dialog's pieces add up to its ``chat_completion`` content; a dialog with
+        special tags gets ``UNSAFE_ERROR`` as a single event, before the others.
+        """
+        if not isinstance(dialogs, (list, tuple)) or (dialogs and isinstance(dialogs[0], dict)):
+            raise ValueError("dialogs must be a list of dialogs (use stream_chat_completion for a single dialog)")
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        stop = normalize_stop(stop)
+        unsafe, safe_ids, prompt_tokens = self._encode_dialogs(dialogs)
+        if prompt_tokens:
+            self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p, stop)
+
+        def events() -> Iterator[StreamEvent]:
             for i in range(len(dialogs)):
                 if unsafe[i]:
-                    results[i]["tokens"], results[i]["logprobs"] = [], []
-        return results
+                    yield StreamEvent(i, UNSAFE_ERROR, True)
+            if prompt_tokens:
+                for event in self._stream_events(prompt_tokens, max_gen_len, temperature, top_p, stop):
+                    yield event._replace(index=safe_ids[event.index])
+
+        return events()
+
+    def stream_chat_completion(
+        self,
+        dialog: Dialog,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        stop: Union[None, str, List[str]] = None,
+    ) -> Iterator[str]:
+        """Answer one dialog, yielding the assistant's reply in pieces as tokens are produced.
+
+        The pieces (never empty) concatenate to ``chat_completion([dialog], ...)``'s
+        content for the same generator state (``UNSAFE_ERROR`` for special tags).
+        """
+        if not isinstance(dialog, (list, tuple)) or (dialog and not isinstance(dialog[0], dict)):
+            raise ValueError("dialog must be a list of messages (use stream_batch_chat_completion for several)")
+        events = self.stream_batch_chat_completion([dialog], temperature, top_p, max_gen_len, stop)
+        return (event.text for event in events if event.text)
 
 
 class DecodeState:
