@@ -15,6 +15,7 @@ import fire
 from llama import Dialog, Llama
 from llama.chat_repl import run_chat
 from llama.cli import rank0_print, resolve_model, stream_flag
+from llama.safety import checkers_from_specs, format_reports
 from llama.streaming import StreamEvent, in_order
 
 
@@ -31,6 +32,7 @@ def main(
     stream: Optional[bool] = None,
     interactive: bool = False,
     system: Optional[str] = None,
+    safety: Optional[str] = None,
 ):
     """Answer a few dialogs: single questions, multi-turn conversations and system prompts.
 
@@ -40,6 +42,9 @@ def main(
     --interactive: chat instead (with --system "..." as the system prompt): replies stream,
     the conversation is kept (its oldest turns dropped when it outgrows max_seq_len),
     /reset forgets it, /quit or Ctrl-D ends. Works under torchrun: rank 0 reads the input.
+    --safety llamaguard:DIR,keywords:FILE: check prompts and replies (comma-separated checkers:
+    Llama Guard from DIR, with the tokenizer.model in DIR or its parent; regular expressions,
+    one per line, from FILE); unsafe ones are refused and every report is printed.
     """
     stream = stream_flag(stream)
     ckpt_dir, tokenizer_path = resolve_model(ckpt_dir, tokenizer_path)
@@ -51,6 +56,7 @@ def main(
         device=device,
         dtype=dtype,
     )
+    generator.safety_checkers = checkers_from_specs(safety, device=device, dtype=dtype)
     if interactive:
         run_chat(generator, system, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
         return
@@ -76,6 +82,7 @@ def main(
             {"role": "user", "content": "Why is the sky blue?"},
         ],
     ]
+    results = None
     if stream:  # the same batch, shown one reply after the other as it is generated
         events = in_order(
             generator.stream_batch_chat_completion(dialogs, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
@@ -92,6 +99,9 @@ def main(
             rank0_print("> Assistant: ", end="")
         rank0_print(event.text, end="")
         if event.done:
+            # The safety reports (with --safety): in the result, or on the last piece of a stream.
+            reports = getattr(event.text, "reports", []) if results is None else results[event.index].get("safety", [])
+            rank0_print("".join("\n" + line for line in format_reports(reports)), end="")
             rank0_print("\n\n==================================\n")
 
 

@@ -13,6 +13,7 @@ import fire
 
 from llama import Llama
 from llama.cli import rank0_print, resolve_model, stream_flag
+from llama.safety import checkers_from_specs, format_reports
 from llama.streaming import StreamEvent, in_order
 
 
@@ -27,12 +28,16 @@ def main(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     stream: Optional[bool] = None,
+    safety: Optional[str] = None,
 ):
     """Complete a few prompts: plain continuations and few-shot patterns.
 
     Without --ckpt_dir, runs the built-in demo model (built on first use).
     Pretrained models only continue text: the prompt should make the answer its natural continuation.
     --stream true/false: print completions as they are generated (default: when stdout is a terminal).
+    --safety llamaguard:DIR,keywords:FILE: check prompts and completions (comma-separated checkers:
+    Llama Guard from DIR, with the tokenizer.model in DIR or its parent; regular expressions,
+    one per line, from FILE); unsafe ones are refused and every report is printed.
     """
     stream = stream_flag(stream)
     ckpt_dir, tokenizer_path = resolve_model(ckpt_dir, tokenizer_path)
@@ -44,6 +49,7 @@ def main(
         device=device,
         dtype=dtype,
     )
+    generator.safety_checkers = checkers_from_specs(safety, device=device, dtype=dtype)
 
     prompts: List[str] = [
         # Plain continuation
@@ -63,6 +69,7 @@ good morning => guten Morgen
 thank you => danke
 bread =>""",
     ]
+    results = None
     if stream:  # the same batch, shown one completion after the other as it is generated
         events = in_order(
             generator.stream_batch_text_completion(prompts, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
@@ -78,6 +85,9 @@ bread =>""",
             rank0_print("> ", end="")
         rank0_print(event.text, end="")
         if event.done:
+            # The safety reports (with --safety): in the result, or on the last piece of a stream.
+            reports = getattr(event.text, "reports", []) if results is None else results[event.index].get("safety", [])
+            rank0_print("".join("\n" + line for line in format_reports(reports)), end="")
             rank0_print("\n\n==================================\n")
 
 

@@ -14,7 +14,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from . import distributed
+from . import distributed, safety
 from .chat_format import (  # noqa: F401 - re-exported: upstream defines these here
     B_INST,
     B_SYS,
@@ -149,6 +149,8 @@ class Llama:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         self._decode_step = None  # compiled one-token step, see compile()
+        # Checkers used when a call passes no safety_checkers (see llama.safety); [] = no checks.
+        self.safety_checkers: List[safety.SafetyChecker] = []
 
     @torch.inference_mode()
     def generate(
@@ -263,12 +265,16 @@ class Llama:
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
         echo: bool = False,
+        safety_checkers: Optional[Sequence[safety.SafetyChecker]] = None,
         stop: Union[None, str, List[str]] = None,
     ) -> List[CompletionPrediction]:
         """Complete each prompt string; returns ``[{"generation": str, ...}]`` in order.
 
         With ``logprobs``, each result also has ``"tokens"`` (the decoded pieces) and
         ``"logprobs"``. ``max_gen_len=None`` means ``max_seq_len - 1``.
+        ``safety_checkers`` (default ``self.safety_checkers``): prompts found unsafe are
+        not generated for, unsafe generations are replaced by ``SAFETY_REFUSAL``, and
+        each result gets a ``"safety"`` list of reports; see :mod:`llama.safety`.
 
         ``stop``: strings (or one string) that end a prompt's generation as soon as its
         generated text contains one; the text returned ends just before it, and
@@ -277,6 +283,12 @@ class Llama:
         """
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a list of strings (wrap a single prompt in a list)")
+        checkers = safety.resolve_checkers(safety_checkers, self.safety_checkers)
+        if checkers:
+            options = dict(
+                temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, logprobs=logprobs, echo=echo, stop=stop
+            )
+            return safety.checked_text_completion(self, checkers, prompts, options)
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
@@ -313,19 +325,27 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
+        safety_checkers: Optional[Sequence[safety.SafetyChecker]] = None,
         stop: Union[None, str, List[str]] = None,
     ) -> List[ChatPrediction]:
         """Answer each dialog; returns ``[{"generation": {"role": "assistant", "content": str}, ...}]``.
 
         A dialog is ``[system?, user, assistant, ..., user]``. A dialog containing the
         special tags ``[INST]``, ``[/INST]``, ``<<SYS>>`` or ``<</SYS>>`` is not run and
-        gets ``UNSAFE_ERROR`` as its content. ``stop`` ends an answer just before the
-        first stop string it contains (see ``text_completion``).
+        gets ``UNSAFE_ERROR`` as its content. ``safety_checkers`` (default
+        ``self.safety_checkers``): as for :meth:`text_completion`. ``stop`` ends an
+        answer just before the first stop string it contains (see ``text_completion``).
         """
         if not isinstance(dialogs, (list, tuple)) or (dialogs and isinstance(dialogs[0], dict)):
             raise ValueError("dialogs must be a list of dialogs (each a list of messages); wrap a single dialog in a list")
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
+        checkers = safety.resolve_checkers(safety_checkers, self.safety_checkers)
+        if checkers:
+            for i, dialog in enumerate(dialogs):
+                validate_dialog(dialog, i)  # before the checkers see them
+            options = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, logprobs=logprobs, stop=stop)
+            return safety.checked_chat_completion(self, checkers, dialogs, options)
         unsafe, safe_ids, prompt_tokens = self._encode_dialogs(dialogs)
         stop = normalize_stop(stop)
         if prompt_tokens and stop:
@@ -403,6 +423,7 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: Optional[int] = None,
         stop: Union[None, str, List[str]] = None,
+        safety_checkers: Optional[Sequence[safety.SafetyChecker]] = None,
     ) -> Iterator[StreamEvent]:
         """Complete several prompts at once, streaming: yields ``StreamEvent(index, text, done)``.
 
@@ -412,6 +433,10 @@ class Llama:
         ``llama.streaming.in_order`` reorders them for printing. Arguments are checked
         now; the model runs as the iterator is consumed (on every rank, under torchrun),
         so finish or drop one stream before starting another generation on this model.
+        With ``safety_checkers`` (default ``self.safety_checkers``), prompts are checked
+        as iteration starts and each reply once finished, *after* its pieces were
+        yielded: each row's last event carries a ``llama.safety.SafetyNotice`` (the
+        reports; the withdrawal text for an unsafe reply); see ``llama.safety.checked_stream``.
         """
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a list of strings (use stream_text_completion for a single prompt)")
@@ -420,6 +445,11 @@ class Llama:
         stop = normalize_stop(stop)
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
         self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p, stop)
+        checkers = safety.resolve_checkers(safety_checkers, self.safety_checkers)
+        if checkers:
+            dialogs = [[{"role": "user", "content": p}] for p in prompts]
+            return safety.checked_stream(self, checkers, dialogs, lambda rows: self._stream_events(
+                [prompt_tokens[i] for i in rows], max_gen_len, temperature, top_p, stop))
         return self._stream_events(prompt_tokens, max_gen_len, temperature, top_p, stop)
 
     def stream_text_completion(
@@ -429,18 +459,20 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: Optional[int] = None,
         stop: Union[None, str, List[str]] = None,
+        safety_checkers: Optional[Sequence[safety.SafetyChecker]] = None,
     ) -> Iterator[str]:
         """Complete one prompt, yielding the generated text in pieces as tokens are produced.
 
         The pieces (never empty) concatenate to ``text_completion([prompt], ...)``'s
         generation for the same generator state; a character split over several tokens
         comes out whole, and no part of a stop string is ever yielded. Stopping the
-        iteration early ends the generation.
+        iteration early ends the generation. With safety checkers the last piece is a
+        ``llama.safety.SafetyNotice`` (``""`` when safe), see ``stream_batch_text_completion``.
         """
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
-        events = self.stream_batch_text_completion([prompt], temperature, top_p, max_gen_len, stop)
-        return (event.text for event in events if event.text)
+        events = self.stream_batch_text_completion([prompt], temperature, top_p, max_gen_len, stop, safety_checkers)
+        return (event.text for event in events if event.text or isinstance(event.text, safety.SafetyNotice))
 
     def stream_batch_chat_completion(
         self,
@@ -449,11 +481,13 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: Optional[int] = None,
         stop: Union[None, str, List[str]] = None,
+        safety_checkers: Optional[Sequence[safety.SafetyChecker]] = None,
     ) -> Iterator[StreamEvent]:
         """Answer several dialogs at once, streaming ``StreamEvent(index, text, done)``.
 
         Each dialog's pieces add up to its ``chat_completion`` content; a dialog with
         special tags gets ``UNSAFE_ERROR`` as a single event, before the others.
+        ``safety_checkers``: as for ``stream_batch_text_completion``.
         """
         if not isinstance(dialogs, (list, tuple)) or (dialogs and isinstance(dialogs[0], dict)):
             raise ValueError("dialogs must be a list of dialogs (use stream_chat_completion for a single dialog)")
@@ -463,6 +497,11 @@ class Llama:
         unsafe, safe_ids, prompt_tokens = self._encode_dialogs(dialogs)
         if prompt_tokens:
             self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p, stop)
+        checkers = safety.resolve_checkers(safety_checkers, self.safety_checkers)
+        if checkers:
+            return safety.checked_stream(self, checkers, dialogs, lambda rows: self.stream_batch_chat_completion(
+                [dialogs[i] for i in rows], temperature, top_p, max_gen_len, stop, safety_checkers=[]
+            ), judge_reply=[not u for u in unsafe])
 
         def events() -> Iterator[StreamEvent]:
             for i in range(len(dialogs)):
@@ -481,16 +520,19 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: Optional[int] = None,
         stop: Union[None, str, List[str]] = None,
+        safety_checkers: Optional[Sequence[safety.SafetyChecker]] = None,
     ) -> Iterator[str]:
         """Answer one dialog, yielding the assistant's reply in pieces as tokens are produced.
 
         The pieces (never empty) concatenate to ``chat_completion([dialog], ...)``'s
         content for the same generator state (``UNSAFE_ERROR`` for special tags).
+        With safety checkers the last piece is a ``llama.safety.SafetyNotice`` (``""``
+        when safe), see ``stream_batch_text_completion``.
         """
         if not isinstance(dialog, (list, tuple)) or (dialog and not isinstance(dialog[0], dict)):
             raise ValueError("dialog must be a list of messages (use stream_batch_chat_completion for several)")
-        events = self.stream_batch_chat_completion([dialog], temperature, top_p, max_gen_len, stop)
-        return (event.text for event in events if event.text)
+        events = self.stream_batch_chat_completion([dialog], temperature, top_p, max_gen_len, stop, safety_checkers)
+        return (event.text for event in events if event.text or isinstance(event.text, safety.SafetyNotice))
 
 
 class DecodeState:
