@@ -40,3 +40,16 @@ def tiny_checkpoint(tmp_path_factory, tiny_tokenizer_path):
     d = tmp_path_factory.mktemp("ckpt")
     make_checkpoint(d, dict(dim=64, n_layers=2, n_heads=4, multiple_of=32, vocab_size=-1), tiny_tokenizer_path)
     return d
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory):
+    """SLOW (about 2 minutes on 2 cores): the built-in demo model, trained once per test session.
+
+    Returns ``(ckpt_dir, tokenizer_path)``; ``ckpt_dir`` is also the folder that
+    ``LLAMA_DEMO_CACHE`` must name for the example scripts to find it.
+    """
+    from llama.demo import ensure_demo_model
+
+    cache = tmp_path_factory.mktemp("demo-cache") / "demo"
+    return ensure_demo_model(cache_dir=cache, verbose=True)

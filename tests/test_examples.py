@@ -76,26 +76,11 @@ def test_example_with_checkpoint(kind, launcher, tiny_checkpoint, tiny_tokenizer
 
 
 @pytest.fixture(scope="session")
-def demo_cache(tmp_path_factory) -> Path:
-    """The demo model, built once per test session into a temporary LLAMA_DEMO_CACHE."""
-    from llama import demo
-
-    ensure = getattr(demo, "ensure_demo_model", None)
-    if ensure is None:
-        pytest.skip("llama.demo has no ensure_demo_model yet: cannot build the demo model the scripts fall back on")
-    cache = tmp_path_factory.mktemp("demo-cache")
-    previous = os.environ.get("LLAMA_DEMO_CACHE")
-    os.environ["LLAMA_DEMO_CACHE"] = str(cache)
-    try:
-        ckpt_dir, tokenizer_path = ensure(verbose=False)
-    finally:
-        if previous is None:
-            del os.environ["LLAMA_DEMO_CACHE"]
-        else:
-            os.environ["LLAMA_DEMO_CACHE"] = previous
-    assert Path(ckpt_dir).resolve().is_relative_to(cache.resolve()), f"built in {ckpt_dir}, not in LLAMA_DEMO_CACHE"
+def demo_cache(demo_model) -> Path:
+    """The LLAMA_DEMO_CACHE folder holding the session's demo model (see conftest.py)."""
+    ckpt_dir, tokenizer_path = demo_model
     assert (Path(ckpt_dir) / "params.json").is_file() and Path(tokenizer_path).is_file()
-    return cache
+    return Path(ckpt_dir)
 
 
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
