@@ -168,6 +168,7 @@ def _load_libc():
 
 
 _LIBC = _load_libc()
+_COPY_BLOCK_BYTES = 16 * 2**20  # MetaCheckpoint.owned_tensor copies (and releases) this much source at a time
 
 
 def privately_mapped_from(t: torch.Tensor, path: Path) -> bool:
@@ -258,20 +259,40 @@ class ShardedState:
         uses are kept. The default does nothing (e.g. for tensors held in memory).
         """
 
-    def tensor(self, key: str, rank: int, world: int) -> torch.Tensor:
-        """The slice of ``key`` that ``rank`` of ``world`` holds (a view where possible)."""
+    def pieces(self, key: str, rank: int, world: int) -> List[Tuple[int, torch.Tensor]]:
+        """(source shard, view) pairs that, concatenated along ``split_dim(key)``, make ``rank``'s slice.
+
+        A replicated tensor is one piece: the whole tensor of shard 0.
+        """
         dim = split_dim(key)
         if dim is None:
-            return self.shard(0)[key]
+            return [(0, self.shard(0)[key])]
         start, stop = rank_range(key, self.args, rank, world)
         pieces = []
         index = start
         while index < stop:
             shard, offset, run = _locate(key, self.args, self.n_shards, index)
             take = min(run, stop - index)
-            pieces.append(self.shard(shard)[key].narrow(dim, offset, take))
+            pieces.append((shard, self.shard(shard)[key].narrow(dim, offset, take)))
             index += take
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+        return pieces
+
+    def tensor(self, key: str, rank: int, world: int) -> torch.Tensor:
+        """The slice of ``key`` that ``rank`` of ``world`` holds (a view where possible)."""
+        pieces = [t for _, t in self.pieces(key, rank, world)]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, split_dim(key))
+
+    def owned_tensor(self, key: str, rank: int, world: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Like :meth:`tensor`, but a new compact tensor (in ``dtype`` if given), never a view of the source.
+
+        For writing shards: ``torch.save`` of a view would store the whole storage behind
+        it. The source pages read are released (see :meth:`release`).
+        """
+        t = self.tensor(key, rank, world)
+        out = t.to(dtype) if dtype is not None and t.dtype != dtype else t.clone()
+        del t
+        self.release(key, keep=out)
+        return out
 
     def state_dict_for_rank(self, rank: int, world: int) -> Iterator[Tuple[str, torch.Tensor]]:
         """(key, slice) for every tensor of the model, in model order, for ``rank`` of ``world``."""
@@ -338,6 +359,33 @@ class MetaCheckpoint(ShardedState):
         for index, state in self._shards.items():
             if self._releasable.get(index) and key in state:
                 release_pages(state[key], keep)
+
+    def owned_tensor(self, key: str, rank: int, world: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """:meth:`ShardedState.owned_tensor`, copied from the mapped shards in blocks of rows.
+
+        Each block's source pages are released as soon as it is copied, so besides the
+        result only about ``_COPY_BLOCK_BYTES`` of source pages are resident at a time,
+        however large the tensor and however many shards it is merged from.
+        """
+        pieces = self.pieces(key, rank, world)
+        dim = split_dim(key)
+        out = torch.empty(local_shape(key, self.args, rank, world), dtype=dtype or pieces[0][1].dtype)
+        offset = 0
+        for index, piece in pieces:
+            target = out if dim is None else out.narrow(dim, offset, piece.shape[dim])
+            offset += 0 if dim is None else piece.shape[dim]
+            releasable = self._releasable.get(index, False)
+            # Source bytes a row of the piece spans (a whole source row, for a column slice).
+            row_bytes = piece.stride(0) * piece.element_size() if piece.dim() > 1 else piece.nbytes
+            step = max(1, _COPY_BLOCK_BYTES // max(1, row_bytes)) if piece.dim() > 1 else max(1, len(piece))
+            for row in range(0, len(piece), step):
+                block = piece[row : row + step]
+                target[row : row + step].copy_(block)
+                if releasable:
+                    release_pages(block)
+            if releasable:
+                release_pages(self._shards[index][key])  # the pages at block boundaries
+        return out
 
     def _check_shard(self, path: Path, index: int, state: Dict[str, torch.Tensor]) -> None:
         keys = set(state) - IGNORED_KEYS
@@ -653,12 +701,8 @@ def save_checkpoint(
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for rank in range(n_shards):
-        shard = {}
-        for key, t in source.state_dict_for_rank(rank, n_shards):
-            # clone(): torch.save would otherwise store the whole storage behind each view.
-            shard[key] = t.to(dtype) if dtype is not None and t.dtype != dtype else t.clone()
-            del t
-            source.release(key, keep=shard[key])
+        # One output shard in memory at a time; the source pages each tensor reads are released.
+        shard = {key: source.owned_tensor(key, rank, n_shards, dtype) for key in expected_keys(source.args)}
         path = out_dir / f"consolidated.{rank:02d}.pth"
         torch.save(shard, path)
         paths.append(path)
