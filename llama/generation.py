@@ -226,6 +226,7 @@ class Llama:
         state = DecodeState(self.tokenizer, prompt_tokens, max_gen_len, total_len, logprobs, self.device)
         tokens, input_text_mask, pad_id = state.tokens, state.input_text_mask, self.tokenizer.pad_id
 
+        positions = torch.arange(total_len, device=self.device)
         prev_pos = 0
         if min_prompt_len == total_len:
             logits = self.model.forward(tokens, prev_pos)
@@ -237,7 +238,7 @@ class Llama:
             # Rows whose prompt is longer than min_prompt_len take their next prompt
             # token instead of the sampled one, so they are fed through the cache too.
             if self._decode_step is not None and cur_pos - prev_pos == 1:
-                pos = torch.tensor([prev_pos], device=self.device)
+                pos = positions[prev_pos:cur_pos]  # a device view: no host-to-device copy per step
                 logits = self._decode_step(tokens[:, prev_pos:cur_pos], pos)[:, None]  # (bsz, 1, vocab)
             else:
                 logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
@@ -376,7 +377,6 @@ class Llama:
                 if unsafe[i]:
                     results[i]["tokens"], results[i]["logprobs"] = [], []
         return results
-
 
     def _encode_dialogs(self, dialogs: List[Dialog]) -> Tuple[List[bool], List[int], List[List[int]]]:
         """Validate ``dialogs``; returns which are unsafe (special tags), the indices of
