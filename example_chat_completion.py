@@ -15,6 +15,7 @@ import fire
 from llama import Dialog, Llama
 from llama.chat_repl import run_chat
 from llama.cli import rank0_print, resolve_model, stream_flag
+from llama.distributed import report_rank_failures
 from llama.safety import checkers_from_specs, format_reports
 from llama.streaming import StreamEvent, in_order
 
@@ -29,6 +30,8 @@ def main(
     max_gen_len: Optional[int] = None,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    compile: bool = False,
+    quantize: Optional[str] = None,
     stream: Optional[bool] = None,
     interactive: bool = False,
     system: Optional[str] = None,
@@ -38,6 +41,8 @@ def main(
 
     Without --ckpt_dir, runs the built-in demo model (built on first use).
     max_gen_len defaults to max_seq_len - 1.
+    --compile: torch.compile the decode step (CUDA graphs on CUDA, Inductor on CPU; warm-up printed).
+    --quantize int8: weight-only int8 linear layers (about half the bytes per token of bfloat16).
     --stream true/false: print replies as they are generated (default: when stdout is a terminal).
     --interactive: chat instead (with --system "..." as the system prompt): replies stream,
     the conversation is kept (its oldest turns dropped when it outgrows max_seq_len),
@@ -55,6 +60,8 @@ def main(
         max_batch_size=max_batch_size,
         device=device,
         dtype=dtype,
+        compile=compile,
+        quantize=quantize,
     )
     generator.safety_checkers = checkers_from_specs(safety, device=device, dtype=dtype)
     if interactive:
@@ -106,4 +113,5 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    with report_rank_failures():  # a rank that only learnt of another's error says so in one line
+        fire.Fire(main)

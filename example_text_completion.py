@@ -13,6 +13,7 @@ import fire
 
 from llama import Llama
 from llama.cli import rank0_print, resolve_model, stream_flag
+from llama.distributed import report_rank_failures
 from llama.safety import checkers_from_specs, format_reports
 from llama.streaming import StreamEvent, in_order
 
@@ -27,6 +28,8 @@ def main(
     max_batch_size: int = 4,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    compile: bool = False,
+    quantize: Optional[str] = None,
     stream: Optional[bool] = None,
     safety: Optional[str] = None,
 ):
@@ -34,6 +37,8 @@ def main(
 
     Without --ckpt_dir, runs the built-in demo model (built on first use).
     Pretrained models only continue text: the prompt should make the answer its natural continuation.
+    --compile: torch.compile the decode step (CUDA graphs on CUDA, Inductor on CPU; warm-up printed).
+    --quantize int8: weight-only int8 linear layers (about half the bytes per token of bfloat16).
     --stream true/false: print completions as they are generated (default: when stdout is a terminal).
     --safety llamaguard:DIR,keywords:FILE: check prompts and completions (comma-separated checkers:
     Llama Guard from DIR, with the tokenizer.model in DIR or its parent; regular expressions,
@@ -48,6 +53,8 @@ def main(
         max_batch_size=max_batch_size,
         device=device,
         dtype=dtype,
+        compile=compile,
+        quantize=quantize,
     )
     generator.safety_checkers = checkers_from_specs(safety, device=device, dtype=dtype)
 
@@ -92,4 +99,5 @@ bread =>""",
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    with report_rank_failures():  # a rank that only learnt of another's error says so in one line
+        fire.Fire(main)
