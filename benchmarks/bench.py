@@ -280,8 +280,12 @@ def hf_model_from_state(state: dict, args, device, dtype, max_seq_len: int):
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(config)
     model.load_state_dict(meta_to_hf_state_dict(state, args), strict=True, assign=True)
-    # Non-persistent buffers (the rotary inverse frequencies) are still on meta: rebuild them.
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config, device=device)
+    # Non-persistent buffers (the rotary inverse frequencies) are still on meta: rebuild that module.
+    with torch.device(device):
+        model.model.rotary_emb = type(model.model.rotary_emb)(config)
+    left = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"this transformers version left {left} uninitialised; use checkpoint mode")
     return model.eval().requires_grad_(False)
 
 
@@ -360,7 +364,8 @@ def _prefix(a: List[int], b: List[int]) -> int:
 def summarize(impl: Impl, bsz: int, prompt_len: int, n: int, bandwidth: float) -> dict:
     t1, tn = impl.times[bsz]["t1"], impl.times[bsz]["tn"]
     ttft, total = statistics.median(t1), statistics.median(tn)
-    decode_s = max(total - ttft, 1e-9)
+    # median of the paired (adjacent in time) differences; best: from the best of each, the least disturbed runs
+    decode_s = max(statistics.median(b - a for a, b in zip(t1, tn)), 1e-9)
     best_decode_s = max(min(tn) - min(t1), 1e-9)
     decode_tok_s = bsz * (n - 1) / decode_s
     steps_s = (n - 1) / decode_s
@@ -376,6 +381,8 @@ def summarize(impl: Impl, bsz: int, prompt_len: int, n: int, bandwidth: float) -
         "pct_of_bandwidth_limit": 100 * steps_s * impl.weight_bytes / bandwidth,
         "generate_s": total,
         "repeats": len(tn),
+        "t1_s": t1,
+        "tn_s": tn,
     }
 
 
@@ -579,7 +586,10 @@ def main(argv=None) -> int:
                     break
                 start = time.perf_counter()
                 with contextlib.redirect_stdout(sys.stderr):
-                    built.compile(warmup_batch_sizes=args.batch_sizes)
+                    try:
+                        built.compile(warmup_batch_sizes=args.batch_sizes)
+                    except TypeError:  # a compile() without warm-up batch sizes: the warm-up below compiles them
+                        built.compile()
                 compile_s[name] = time.perf_counter() - start
             if run_hf:
                 import transformers
@@ -612,7 +622,8 @@ def main(argv=None) -> int:
         for impl in impls:
             start = time.perf_counter()
             for bsz in args.batch_sizes:
-                impl.generate(prompts[bsz], 1)
+                seconds, _ = timed(lambda: impl.generate(prompts[bsz], 1), device)
+                impl.notes.setdefault("first_ttft_s", seconds)  # cold: pages of a mapped checkpoint read in, etc.
                 impl.tokens[bsz] = impl.generate(prompts[bsz], args.gen_tokens)
                 impl.times[bsz] = {"t1": [], "tn": []}
             impl.notes["warmup_s"] = time.perf_counter() - start
@@ -723,6 +734,9 @@ def print_table(r: dict) -> None:
         print(f"load: {loads}")
     for k, v in r["load"].items():
         print(f"  {k}: {v['how']}")
+    cold = ", ".join(f"{k} {1000 * v['first_ttft_s']:.0f} ms" for k, v in r["impl_notes"].items() if "first_ttft_s" in v)
+    if cold:
+        print(f"first TTFT after load (cold, batch {r['batch_sizes'][0]}): {cold}")
     if r["compile_s"]:
         print("compile: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["compile_s"].items()))
     mem = r["memory"]
