@@ -407,6 +407,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="ours: Llama.compile() (CUDA graphs on CUDA, frozen "
                    "Inductor on CPU); transformers: static cache + its generate auto-compile")
     p.add_argument("--quantize", choices=["int8"], help="also run ours with weight-only quantization (ours-int8)")
+    p.add_argument("--dense-too", action="store_true", help="also run ours with pack_weights=False (ours-dense): "
+                   "what packing the float32 CPU weights gains")
     p.add_argument("--batch-sizes", default="1,8", help="comma-separated (default %(default)s)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per row (default %(default)s)")
     p.add_argument("--gen-tokens", type=int, default=64, help="new tokens per row, N (default %(default)s)")
@@ -472,6 +474,7 @@ def main(argv=None) -> int:
     from llama import Llama
     from llama import distributed
     from llama.model import ModelArgs
+    from llama.packed_linear import is_packed
     from llama.quantize import quantize_model, weight_bytes
 
     device = distributed.select_device(args.device)
@@ -505,6 +508,7 @@ def main(argv=None) -> int:
     rss: Dict[str, float] = {}
     shape_name = "ckpt" if args.ckpt_dir else ("params" if args.params else args.shape)
 
+    llama_dense = None
     with contextlib.ExitStack() as stack:
         # ---------------------------------------------------------------- build
         if args.no_checkpoint:
@@ -515,6 +519,8 @@ def main(argv=None) -> int:
             load["ours"] = {"how": "in memory: random weights generated on the device", "s": None}
             llama = Llama(float_model, NoEosTokenizer())
             llama_int8 = None
+            if args.dense_too:
+                raise SystemExit("--dense-too needs a checkpoint (drop --no-checkpoint)")
             if args.quantize:
                 start = time.perf_counter()
                 llama_int8 = Llama(quantize_model(transformer_sharing(state, margs, device, dtype), args.quantize), NoEosTokenizer())
@@ -550,8 +556,8 @@ def main(argv=None) -> int:
                 ckpt_dir, tokenizer, hf_dir = paths["ckpt_dir"], paths["tokenizer"], paths.get("hf_dir")
                 how = f"Llama.build of a random {dtype_name} .pth checkpoint (placeholder tokenizer)"
 
-            def build(quantize=None):
-                kwargs = {"quantize": quantize} if quantize else {}
+            def build(quantize=None, **kwargs):
+                kwargs.update({"quantize": quantize} if quantize else {})
                 start = time.perf_counter()
                 with contextlib.redirect_stdout(sys.stderr):
                     built = Llama.build(ckpt_dir, tokenizer, max_seq_len, max_bsz, device=device, dtype=dtype, **kwargs)
@@ -566,6 +572,10 @@ def main(argv=None) -> int:
                 llama_int8, seconds = build(args.quantize)
                 llama_int8.tokenizer = NoEosTokenizer()
                 load["ours-int8"] = {"how": how + f", quantize={args.quantize!r}", "s": seconds}
+            if args.dense_too:
+                llama_dense, seconds = build(pack_weights=False)
+                llama_dense.tokenizer = NoEosTokenizer()
+                load["ours-dense"] = {"how": how + ", pack_weights=False", "s": seconds}
             hf_model = None
             if run_hf:
                 start = time.perf_counter()
@@ -604,7 +614,11 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             _sync(device)
         impls.append(Impl("ours", ours_generate(llama), weight_bytes(llama.model),
-                          {"kv_cache": "static (preallocated)", "compiled": "ours" in compile_s}))
+                          {"kv_cache": "static (preallocated)", "compiled": "ours" in compile_s,
+                           "packed_weights": is_packed(llama.model)}))
+        if llama_dense is not None:
+            impls.append(Impl("ours-dense", ours_generate(llama_dense), weight_bytes(llama_dense.model),
+                              {"kv_cache": "static (preallocated)", "compiled": False, "packed_weights": False}))
         if llama_int8 is not None:
             impls.append(Impl("ours-int8", ours_generate(llama_int8), weight_bytes(llama_int8.model),
                               {"kv_cache": "static (preallocated)", "compiled": "ours-int8" in compile_s,
@@ -645,7 +659,7 @@ def main(argv=None) -> int:
             memory[f"{impl.name}_rss_added_mb"] = (rss[impl.name] - previous) / MB
             previous = rss[impl.name]
         n_params = sum(p.numel() for p in llama.model.parameters())
-        del llama, llama_int8, hf_model
+        del llama, llama_int8, llama_dense, hf_model
         for impl in impls:
             impl.generate = None
         gc.collect()

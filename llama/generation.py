@@ -14,7 +14,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from . import distributed, safety
+from . import distributed, packed_linear, safety
 from .chat_format import (  # noqa: F401 - re-exported: upstream defines these here
     B_INST,
     B_SYS,
@@ -55,6 +55,7 @@ class Llama:
         compile: bool = False,
         verify: bool = False,
         quantize: Optional[str] = None,
+        pack_weights: Optional[bool] = None,
     ) -> "Llama":
         """Load a checkpoint directory and tokenizer, ready to generate.
 
@@ -78,6 +79,9 @@ class Llama:
                 (every rank reads every file once more; a ValueError names the files that fail).
             quantize: ``"int8"``: weight-only int8 linear layers (per output row scales),
                 quantized tensor by tensor while loading; see :mod:`llama.quantize`.
+            pack_weights: hold the linear layers' weights in oneDNN's packed layout, the
+                faster eager path for float32 on the CPU (see :mod:`llama.packed_linear`).
+                Default: on where supported, unless ``compile`` or ``quantize`` is given.
         """
         start_time = time.time()
         device = distributed.select_device(device)
@@ -87,6 +91,13 @@ class Llama:
         distributed.check_ranks_agree(
             (max_seq_len, max_batch_size, seed, str(dtype), world), "max_seq_len, max_batch_size, seed, dtype"
         )
+
+        supported = packed_linear.packing_supported(device, dtype)
+        pack = supported and not compile and quantize is None if pack_weights is None else bool(pack_weights)
+        if pack and not supported:
+            raise ValueError(f"pack_weights=True needs float32 on the CPU (here: {dtype} on {device})")
+        if pack and quantize is not None:
+            raise ValueError("pack_weights=True and quantize= exclude each other: int8 layers have their own kernels")
 
         def load() -> Tuple[Transformer, Tokenizer]:
             if verify:
@@ -111,6 +122,8 @@ class Llama:
                 from .quantize import load_quantized
 
                 load_quantized(model, checkpoint, rank, world, device, dtype, quantize)
+            if pack:  # before close(): the mapped pages each packed weight read are released
+                packed_linear.pack_linear_weights(model, on_packed=checkpoint.release)
             checkpoint.close()
             model.allocate_buffers(device, dtype)
             return model, tokenizer
@@ -129,6 +142,7 @@ class Llama:
         Each new batch size compiles once more on first use.
         """
         start = time.time()
+        packed_linear.unpack_linear_weights(self.model)  # Inductor packs the frozen weights itself
         self._decode_step = compile_decode_step(self.model, self.device)
         with torch.inference_mode():
             for bsz in warmup_batch_sizes:

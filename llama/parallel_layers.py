@@ -15,8 +15,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel import layers as fs_layers
+from fairscale.nn.model_parallel import mappings as mp_mappings
 from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from torch import nn
+
+from .packed_linear import linear
 
 
 def _partition(size: int, what: str) -> int:
@@ -88,7 +91,10 @@ class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:
         if self.single_rank:  # fairscale's region functions are identities here; skip their overhead
-            return F.linear(input_, self.weight)
+            return linear(input_, self.weight)
+        if self.weight.is_mkldnn:  # fairscale's forward, with the packed weight's kernel
+            output = linear(mp_mappings.copy_to_model_parallel_region(input_), self.weight)
+            return mp_mappings.gather_from_model_parallel_region(output) if self.gather_output else output
         return super().forward(input_)
 
 
@@ -116,5 +122,9 @@ class RowParallelLinear(fs_layers.RowParallelLinear):
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:
         if self.single_rank:
-            return F.linear(input_, self.weight)
+            return linear(input_, self.weight)
+        if self.weight.is_mkldnn:  # fairscale's forward, with the packed weight's kernel
+            if not self.input_is_parallel:
+                input_ = mp_mappings.scatter_to_model_parallel_region(input_)
+            return mp_mappings.reduce_from_model_parallel_region(linear(input_, self.weight))
         return super().forward(input_)

@@ -194,8 +194,10 @@ def quantize_model(model: nn.Module, mode: str = "int8") -> nn.Module:
     """
     check_mode(mode)
     for parent, name, layer in _linear_layers(model):
-        w = layer.weight
-        q, scales = quantize_weight(w.detach(), scale_dtype=scale_dtype_for(w.device, w.dtype))
+        w = layer.weight.detach()
+        if w.is_mkldnn:  # packed for the float32 CPU path (llama.packed_linear): one layer unpacked at a time
+            w = w.to_dense()
+        q, scales = quantize_weight(w, scale_dtype=scale_dtype_for(w.device, w.dtype))
         new = _int8_like(layer, device="meta", dtype=scales.dtype)
         new.weight, new.scales = q, scales
         setattr(parent, name, new)

@@ -8,6 +8,9 @@ transformers = pytest.importorskip("transformers")
 from llama.checkpoint import random_state_dict  # noqa: E402
 from llama.hf import hf_config, meta_to_hf_state_dict  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
+from llama.packed_linear import pack_linear_weights, packing_supported  # noqa: E402
+
+PACKED = pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 
 CONFIGS = {
     # Llama-2-7B's architecture (MHA, multiple_of rounding), scaled down.
@@ -20,35 +23,41 @@ CONFIGS = {
 }
 
 
-def build_pair(name, max_seq_len=96, max_batch_size=4, std=0.1):
+def build_pair(name, max_seq_len=96, max_batch_size=4, std=0.1, packed=False):
     args = ModelArgs(**CONFIGS[name], max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     state = random_state_dict(args, seed=1, std=std)
     ours = Transformer(args)
     ours.load_state_dict(state)
+    if packed:  # the default eager path of Llama.build for float32 on the CPU
+        if not packing_supported(torch.device("cpu"), torch.float32):
+            pytest.skip("this torch build cannot pack weights (no oneDNN)")
+        assert pack_linear_weights(ours) == 7 * args.n_layers + 1
     config = transformers.LlamaConfig(**hf_config(args, dtype=torch.float32))
     theirs = transformers.LlamaForCausalLM(config).eval()
     theirs.load_state_dict(meta_to_hf_state_dict(state, args))
     return args, ours, theirs
 
 
+@PACKED
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_logits_match_transformers(name):
-    args, ours, theirs = build_pair(name)
+def test_logits_match_transformers(name, packed):
+    args, ours, theirs = build_pair(name, packed=packed)
     tokens = torch.randint(0, args.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = theirs(tokens).logits
     got = ours.forward(tokens, 0)
     assert got.dtype == torch.float32 and got.shape == expected.shape
     diff = (got - expected).abs().max().item()
-    print(f"{name}: max abs logits diff vs transformers = {diff:.2e}")
+    print(f"{name} ({'packed' if packed else 'dense'}): max abs logits diff vs transformers = {diff:.2e}")
     assert diff <= 1e-4
 
 
+@PACKED
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_greedy_generation_matches_transformers(name):
+def test_greedy_generation_matches_transformers(name, packed):
     from llama.generation import Llama
 
-    args, ours, theirs = build_pair(name)
+    args, ours, theirs = build_pair(name, packed=packed)
 
     class NoEosTokenizer:  # generate() needs only the special ids
         pad_id, eos_id, bos_id = -1, -100, 1
@@ -64,9 +73,10 @@ def test_greedy_generation_matches_transformers(name):
         assert out == ref
 
 
+@PACKED
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_incremental_decode_equals_full_forward(name):
-    args, ours, _ = build_pair(name)
+def test_incremental_decode_equals_full_forward(name, packed):
+    args, ours, _ = build_pair(name, packed=packed)
     tokens = torch.randint(0, args.vocab_size, (3, 30), generator=torch.Generator().manual_seed(1))
     full = ours.forward(tokens, 0)
     # A prefix, then a chunk continuing it (explicit mask path), then one token at a time.

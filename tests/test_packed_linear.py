@@ -1,0 +1,56 @@
+"""oneDNN-packed linear weights (llama/packed_linear.py): what Llama.build does by default
+for float32 on the CPU. Logits against transformers with packed weights: test_model.py."""
+
+import pytest
+import torch
+
+from llama import Llama
+from llama.packed_linear import is_packed, pack_linear_weights, packing_supported, unpack_linear_weights
+
+pytestmark = pytest.mark.skipif(
+    not packing_supported(torch.device("cpu"), torch.float32), reason="this torch build cannot pack weights (no oneDNN)"
+)
+
+
+def build(ckpt, tok, **kwargs):
+    return Llama.build(str(ckpt), str(tok), max_seq_len=64, max_batch_size=4, device="cpu", **kwargs)
+
+
+def test_build_packs_by_default_and_generates_the_same(tiny_checkpoint, tiny_tokenizer_path):
+    packed = build(tiny_checkpoint, tiny_tokenizer_path)
+    dense = build(tiny_checkpoint, tiny_tokenizer_path, pack_weights=False)
+    assert is_packed(packed.model) and not is_packed(dense.model)
+    prompts = ["the river", "a fox and", "plants"]
+    a = packed.text_completion(prompts, temperature=0, max_gen_len=16, logprobs=True)
+    b = dense.text_completion(prompts, temperature=0, max_gen_len=16, logprobs=True)
+    assert [r["generation"] for r in a] == [r["generation"] for r in b]
+    diff = max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra["logprobs"], rb["logprobs"]))
+    assert diff < 1e-4
+
+
+def test_state_dict_is_dense_and_exact(tiny_checkpoint, tiny_tokenizer_path):
+    packed = build(tiny_checkpoint, tiny_tokenizer_path)
+    dense = build(tiny_checkpoint, tiny_tokenizer_path, pack_weights=False)
+    got, want = packed.model.state_dict(), dense.model.state_dict()
+    assert got.keys() == want.keys()
+    for key in want:
+        assert not got[key].is_mkldnn and got[key].equal(want[key]), key
+
+
+def test_unpack_and_pack_again(tiny_checkpoint, tiny_tokenizer_path):
+    llama = build(tiny_checkpoint, tiny_tokenizer_path)
+    tokens = torch.tensor([[1, 40, 41, 42, 43]])
+    before = llama.model.forward(tokens, 0)
+    n = unpack_linear_weights(llama.model)
+    assert n == 7 * llama.model.n_layers + 1 and not is_packed(llama.model)
+    assert torch.allclose(llama.model.forward(tokens, 0), before, atol=1e-4)
+    assert pack_linear_weights(llama.model) == n and is_packed(llama.model)
+
+
+def test_not_packed_where_it_does_not_apply(tiny_checkpoint, tiny_tokenizer_path):
+    assert not is_packed(build(tiny_checkpoint, tiny_tokenizer_path, dtype="bfloat16").model)
+    assert not is_packed(build(tiny_checkpoint, tiny_tokenizer_path, quantize="int8").model)
+    with pytest.raises(ValueError, match="float32 on the CPU"):
+        build(tiny_checkpoint, tiny_tokenizer_path, dtype="bfloat16", pack_weights=True)
+    with pytest.raises(ValueError, match="exclude each other"):
+        build(tiny_checkpoint, tiny_tokenizer_path, quantize="int8", pack_weights=True)
