@@ -43,7 +43,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import struct
 import subprocess
@@ -52,6 +51,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
+
+from rss import peak_rss, rss_now  # benchmarks/rss.py: scripts run from this folder
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -70,18 +71,8 @@ GB = 1e9
 # ----------------------------------------------------------------------------- machine
 
 
-def _rss_now() -> int:
-    """Current resident set size in bytes (Linux /proc; elsewhere the peak)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return _peak_rss()
 
 
-def _peak_rss() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
 def _cpu_model() -> str:
@@ -499,7 +490,7 @@ def main(argv=None) -> int:
     import llama.checkpoint  # noqa: F401
     import llama.quantize  # noqa: F401
 
-    baseline_rss = _rss_now()
+    baseline_rss = rss_now()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -641,7 +632,7 @@ def main(argv=None) -> int:
                 impl.tokens[bsz] = impl.generate(prompts[bsz], args.gen_tokens)
                 impl.times[bsz] = {"t1": [], "tn": []}
             impl.notes["warmup_s"] = time.perf_counter() - start
-            rss[impl.name] = _rss_now()
+            rss[impl.name] = rss_now()
 
         # ---------------------------------------------------------------- timed, interleaved
         for _ in range(args.repeats):
@@ -665,7 +656,7 @@ def main(argv=None) -> int:
         gc.collect()
 
     # The models are gone: the array of the bandwidth measurement counts in neither peak.
-    memory["peak_rss_mb"] = _peak_rss() / MB
+    memory["peak_rss_mb"] = peak_rss() / MB
     if device.type == "cuda":
         memory["peak_gpu_allocated_mb"] = torch.cuda.max_memory_allocated(device) / MB
         torch.cuda.empty_cache()

@@ -17,13 +17,13 @@ Usage: ``python benchmarks/load_memory.py [--tokenizer PATH] [--workdir DIR]``
 
 import argparse
 import json
-import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from rss import peak_rss, rss_now  # benchmarks/rss.py: scripts run from this folder
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TOKENIZER = REPO.parent / "shared" / "llama2-tokenizer" / "tokenizer.model"
@@ -33,18 +33,8 @@ MB = 2**20
 sys.path.insert(0, str(REPO))  # run as a script from a checkout
 
 
-def _rss_now() -> int:
-    """Current resident set size in bytes (Linux /proc; falls back to the peak)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return _peak_rss()
 
 
-def _peak_rss() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
 def child(ckpt_dir: str, tokenizer: str) -> None:
@@ -56,14 +46,14 @@ def child(ckpt_dir: str, tokenizer: str) -> None:
     import safetensors.torch  # noqa: F401
 
     torch.set_num_threads(2)
-    baseline = _rss_now()
+    baseline = rss_now()
     start = time.perf_counter()
     llama = Llama.build(ckpt_dir, tokenizer, max_seq_len=64, max_batch_size=1, device="cpu", dtype="float32")
     seconds = time.perf_counter() - start
-    after_build = _peak_rss()
+    after_build = peak_rss()
     weight_bytes = sum(p.numel() * p.element_size() for p in llama.model.parameters())
     llama.model.forward(torch.tensor([[1]]), 0)
-    after_forward = _peak_rss()
+    after_forward = peak_rss()
     print(json.dumps(dict(baseline=baseline, build=after_build, forward=after_forward,
                           weight_bytes=weight_bytes, seconds=seconds)))
 

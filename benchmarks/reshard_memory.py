@@ -23,13 +23,13 @@ Usage: ``python benchmarks/reshard_memory.py [--workdir DIR] [--layers N]``
 
 import argparse
 import json
-import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from rss import peak_rss, rss_now  # benchmarks/rss.py: scripts run from this folder
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "reshard_memory.json"
@@ -41,18 +41,8 @@ MB = 2**20
 sys.path.insert(0, str(REPO))  # run as a script from a checkout
 
 
-def _rss_now() -> int:
-    """Current resident set size in bytes (Linux /proc; falls back to the peak)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return _peak_rss()
 
 
-def _peak_rss() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
 def child(src: str, dst: str, n: str) -> None:
@@ -62,13 +52,13 @@ def child(src: str, dst: str, n: str) -> None:
     import llama.checkpoint  # noqa: F401 - everything the CLI imports, before the baseline
     from llama.reshard import main
 
-    baseline = _rss_now()
+    baseline = rss_now()
     start = time.perf_counter()
     status = main([src, dst, "--model-parallel-size", n])
     seconds = time.perf_counter() - start
     if status != 0:
         raise SystemExit(f"reshard exited with status {status}")
-    print(json.dumps(dict(baseline=baseline, peak=_peak_rss(), seconds=seconds)))
+    print(json.dumps(dict(baseline=baseline, peak=peak_rss(), seconds=seconds)))
 
 
 def write_checkpoints(workdir: Path, layers: int) -> None:
