@@ -81,7 +81,7 @@ class Llama:
                 quantized tensor by tensor while loading; see :mod:`llama.quantize`.
             pack_weights: hold the linear layers' weights in oneDNN's packed layout, the
                 faster eager path for float32 on the CPU (see :mod:`llama.packed_linear`).
-                Default: on where supported, unless ``compile`` or ``quantize`` is given.
+                Default: on where supported, unless ``quantize`` is given; compiled too.
         """
         start_time = time.time()
         device = distributed.select_device(device)
@@ -93,7 +93,7 @@ class Llama:
         )
 
         supported = packed_linear.packing_supported(device, dtype)
-        pack = supported and not compile and quantize is None if pack_weights is None else bool(pack_weights)
+        pack = supported and quantize is None if pack_weights is None else bool(pack_weights)
         if pack and not supported:
             raise ValueError(f"pack_weights=True needs float32 on the CPU (here: {dtype} on {device})")
         if pack and quantize is not None:
@@ -142,7 +142,6 @@ class Llama:
         Each new batch size compiles once more on first use.
         """
         start = time.time()
-        packed_linear.unpack_linear_weights(self.model)  # Inductor packs the frozen weights itself
         self._decode_step = compile_decode_step(self.model, self.device)
         with torch.inference_mode():
             for bsz in warmup_batch_sizes:
@@ -589,10 +588,14 @@ class DecodeState:
 def compile_decode_step(model: Transformer, device: torch.device):
     """``torch.compile`` of ``model.decode_step`` for ``device``.
 
-    CUDA: ``mode="reduce-overhead"`` (CUDA graphs: one launch per token). CPU: Inductor
-    with frozen weights (constant-folded and prepacked for the matrix-vector kernels).
+    CUDA: ``mode="reduce-overhead"`` (CUDA graphs: one launch per token). CPU with
+    packed weights (:mod:`llama.packed_linear`): Inductor fuses the work between the
+    linear layers, which stay calls to oneDNN. Otherwise Inductor with frozen weights
+    (constant-folded and prepacked for its own matrix kernels).
     """
     single_graph = distributed.model_parallel_world_size() == 1  # collectives break the graph
     if device.type == "cuda":
         return torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=single_graph, dynamic=False)
+    if packed_linear.is_packed(model):
+        return torch.compile(model.decode_step, fullgraph=single_graph, dynamic=False)
     return torch.compile(model.decode_step, options={"freezing": True}, fullgraph=single_graph, dynamic=False)

@@ -13,10 +13,18 @@ packed copy, one tensor at a time: the dense tensor is dropped as soon as its pa
 exists, so memory stays at one copy of the weights. The layers' ``forward`` call
 :func:`linear`, which picks the kernel from the weight. ``state_dict()`` still returns
 ordinary dense tensors (a hook unpacks them), and :func:`unpack_linear_weights` undoes
-the whole thing (``Llama.compile`` does, as Inductor packs weights itself).
+the whole thing (``quantize_model`` does).
+
+Under ``torch.compile`` a packed weight cannot be traced (it has no storage), so each
+packed layer also gets an integer handle and the traced graph calls the custom operator
+``llama::packed_linear(x, handle, out_features)``, which looks the weight up. Inductor
+fuses everything around these calls (norms, RoPE, attention glue, SiLU) and removes
+the per-operator overhead of eager mode; the products stay on oneDNN. Inductor's own
+frozen float32 linears use MKL's packed ``sgemm``, the slower kernel above.
 """
 
-from typing import Callable, Iterator, Optional, Tuple
+import weakref
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -34,11 +42,32 @@ def packing_supported(device: torch.device, dtype: torch.dtype) -> bool:
     )
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` for a dense or a packed ``weight`` (out_features, in_features)."""
-    if weight.is_mkldnn:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
-    return F.linear(x, weight)
+# handle -> packed weight, for the custom operator (weak: a dropped model frees its weights)
+_PACKED: List[Callable[[], Optional[torch.Tensor]]] = []
+
+
+@torch.library.custom_op("llama::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    """``x @ W.T`` for the packed weight ``W`` registered under ``handle`` (for compiled graphs)."""
+    weight = _PACKED[handle]()
+    if weight is None:
+        raise RuntimeError("the packed weight of this compiled graph was freed with its model")
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+@packed_linear.register_fake
+def _packed_linear_shape(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """``x @ layer.weight.T`` for a dense or a packed weight (out_features, in_features)."""
+    handle = getattr(layer, "packed_handle", None)
+    if handle is None:
+        return F.linear(x, layer.weight)
+    if torch.compiler.is_compiling():  # never touch the untraceable weight while tracing
+        return packed_linear(x, handle, layer.packed_out_features)
+    return torch.ops.mkldnn._linear_pointwise(x, layer.weight, None, "none", [], "")
 
 
 def _linear_layers(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
@@ -81,6 +110,8 @@ def pack_linear_weights(
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_size_hint)
         del weight
         module.weight = nn.Parameter(packed, requires_grad=False)  # the dense tensor is freed here
+        _PACKED.append(weakref.ref(module.weight))
+        module.packed_handle, module.packed_out_features = len(_PACKED) - 1, packed.shape[0]
         if not getattr(module, "_dense_state_dict_hook", False):
             module._register_state_dict_hook(_dense_state_dict)
             module._dense_state_dict_hook = True
@@ -96,6 +127,7 @@ def unpack_linear_weights(model: nn.Module) -> int:
     for _, module in _linear_layers(model):
         if module.weight.is_mkldnn:
             module.weight = nn.Parameter(module.weight.to_dense(), requires_grad=False)
+            module.packed_handle = None
             count += 1
     return count
 

@@ -88,12 +88,13 @@ class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
         self.register_parameter("bias", None)
         self.master_weight = None
         self.single_rank = get_model_parallel_world_size() == 1
+        self.packed_handle: Optional[int] = None  # set by llama.packed_linear
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:
         if self.single_rank:  # fairscale's region functions are identities here; skip their overhead
-            return linear(input_, self.weight)
-        if self.weight.is_mkldnn:  # fairscale's forward, with the packed weight's kernel
-            output = linear(mp_mappings.copy_to_model_parallel_region(input_), self.weight)
+            return linear(input_, self)
+        if self.packed_handle is not None:  # fairscale's forward, with the packed weight's kernel
+            output = linear(mp_mappings.copy_to_model_parallel_region(input_), self)
             return mp_mappings.gather_from_model_parallel_region(output) if self.gather_output else output
         return super().forward(input_)
 
@@ -119,12 +120,13 @@ class RowParallelLinear(fs_layers.RowParallelLinear):
         self.register_parameter("bias", None)
         self.master_weight = None
         self.single_rank = get_model_parallel_world_size() == 1
+        self.packed_handle: Optional[int] = None  # set by llama.packed_linear
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:
         if self.single_rank:
-            return linear(input_, self.weight)
-        if self.weight.is_mkldnn:  # fairscale's forward, with the packed weight's kernel
+            return linear(input_, self)
+        if self.packed_handle is not None:  # fairscale's forward, with the packed weight's kernel
             if not self.input_is_parallel:
                 input_ = mp_mappings.scatter_to_model_parallel_region(input_)
-            return mp_mappings.reduce_from_model_parallel_region(linear(input_, self.weight))
+            return mp_mappings.reduce_from_model_parallel_region(linear(input_, self))
         return super().forward(input_)
