@@ -107,3 +107,28 @@ def test_bad_top_p(top_p):
 @pytest.mark.parametrize("temperature, top_p", [(0, 1), (0.0, 0.5), (1.5, 1.0), (0.6, 1e-9)])
 def test_good_arguments(temperature, top_p):
     check_sampling_args(temperature, top_p)
+
+
+def full_sort_nucleus(probs: torch.Tensor, p: float) -> dict:
+    """Token -> renormalised probability, computed the reference way (a full sort)."""
+    probs_sort, probs_idx = torch.sort(probs, descending=True)
+    keep = torch.cumsum(probs_sort, -1) - probs_sort <= p
+    kept = probs_sort[keep] / probs_sort[keep].sum()
+    return dict(zip(probs_idx[keep].tolist(), kept.tolist()))
+
+
+@pytest.mark.parametrize("scale", [4.0, 0.05], ids=["peaked (top-k path)", "flat (full sort)"])
+def test_large_vocabulary_draws_follow_the_full_sort_nucleus(scale):
+    vocab, p, n = 2000, 0.8, 4000
+    probs = torch.softmax(torch.randn(vocab, generator=torch.Generator().manual_seed(3)) * scale, -1)
+    nucleus = full_sort_nucleus(probs, p)
+    if scale > 1:
+        assert len(nucleus) < 256 < vocab  # the cheap path applies
+    else:
+        assert len(nucleus) > 256  # it does not
+    rows = probs.expand(n, vocab).contiguous()
+    got = sample_top_p(rows, p, gen(4)).reshape(-1).tolist()
+    assert set(got) <= set(nucleus)
+    counts = torch.bincount(torch.tensor(got), minlength=vocab).float() / n
+    top = max(nucleus, key=nucleus.get)
+    assert abs(counts[top].item() - nucleus[top]) < 0.03  # the most likely token's frequency
