@@ -68,7 +68,7 @@ DEMO_VOCAB_SIZE = 1024  # tokenizer pieces (256 of them bytes), a multiple of 8
 
 # Training recipe: AdamW in float32 on the CPU, fixed seed and data order.
 DEMO_TRAIN: Dict = {
-    "steps": 160,
+    "steps": 180,
     "text_batch": 16,  # corpus windows per step: BOS + seq_len tokens from a sentence start
     "dialog_batch": 8,  # chat exchanges per step (the loss is on the answer)
     "seq_len": 128,
