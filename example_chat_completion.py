@@ -60,11 +60,12 @@ def main(
         max_batch_size=max_batch_size,
         device=device,
         dtype=dtype,
-        compile=compile,
         quantize=quantize,
     )
     generator.safety_checkers = checkers_from_specs(safety, device=device, dtype=dtype)
     if interactive:
+        if compile:
+            generator.compile(warmup_batch_sizes=(1,))
         run_chat(generator, system, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
         return
     if system is not None:
@@ -89,6 +90,8 @@ def main(
             {"role": "user", "content": "Why is the sky blue?"},
         ],
     ]
+    if compile:  # warm up the batch size the first batch will have
+        generator.compile(warmup_batch_sizes=(min(len(dialogs), max_batch_size),))
     results = None
     if stream:  # the same batch, shown one reply after the other as it is generated
         events = in_order(

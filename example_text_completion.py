@@ -53,7 +53,6 @@ def main(
         max_batch_size=max_batch_size,
         device=device,
         dtype=dtype,
-        compile=compile,
         quantize=quantize,
     )
     generator.safety_checkers = checkers_from_specs(safety, device=device, dtype=dtype)
@@ -76,6 +75,8 @@ good morning => guten Morgen
 thank you => danke
 bread =>""",
     ]
+    if compile:  # warm up the batch size the first batch will have
+        generator.compile(warmup_batch_sizes=(min(len(prompts), max_batch_size),))
     results = None
     if stream:  # the same batch, shown one completion after the other as it is generated
         events = in_order(

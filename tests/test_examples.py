@@ -88,3 +88,15 @@ def demo_cache(demo_model) -> Path:
 def test_example_with_demo_model(kind, launcher, demo_cache):
     out = run_example(kind, launcher, [], {"LLAMA_DEMO_CACHE": str(demo_cache)})
     assert out.count(DEMO_NOTICE) == 1
+
+
+def test_example_compile_flag_prints_the_same_text(tiny_checkpoint, tiny_tokenizer_path):
+    args = ["--ckpt_dir", str(tiny_checkpoint), "--tokenizer_path", str(tiny_tokenizer_path), "--temperature", "0"]
+    eager = run_example("text", "python", args)
+    compiled = run_example("text", "python", args + ["--compile"])
+    assert "Compiled the decode step" in compiled and "Compiled the decode step" not in eager
+
+    def text(out: str) -> list:  # without the timing lines
+        return [line for line in out.splitlines() if not line.startswith(("Loaded in", "Compiled the decode step"))]
+
+    assert text(compiled) == text(eager)
