@@ -7,7 +7,7 @@ A dialog ``[system?, user, assistant, user, ..., user]`` becomes::
 where ``<s>``/``</s>`` are the BOS/EOS token ids (never the strings).
 """
 
-from typing import List, Literal, Optional, Sequence, TypedDict
+from typing import Any, Dict, List, Literal, Optional, Sequence, TypedDict
 
 from .tokenizer import Tokenizer
 
@@ -23,12 +23,14 @@ class CompletionPrediction(TypedDict, total=False):
     generation: str
     tokens: List[str]  # not required
     logprobs: List[float]  # not required
+    safety: List[Dict[str, Any]]  # not required: reports of the safety checkers (llama.safety)
 
 
 class ChatPrediction(TypedDict, total=False):
     generation: Message
     tokens: List[str]  # not required
     logprobs: List[float]  # not required
+    safety: List[Dict[str, Any]]  # not required: reports of the safety checkers (llama.safety)
 
 
 Dialog = List[Message]

@@ -55,7 +55,9 @@ def next_tokens(
 
 
 def check_sampling_args(temperature: float, top_p: float) -> None:
-    if not isinstance(temperature, (int, float)) or temperature != temperature or temperature < 0:
+    # bool is an int subclass: True would silently mean temperature 1
+    is_number = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+    if not is_number or temperature != temperature or temperature < 0:
         raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {temperature!r}")
-    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")

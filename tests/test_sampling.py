@@ -92,13 +92,13 @@ def test_next_tokens_tiny_top_p_is_argmax_at_any_temperature():
         assert torch.equal(next_tokens(logits, temperature, 1e-6, gen(0)), logits.argmax(dim=-1))
 
 
-@pytest.mark.parametrize("temperature", [-0.1, -1, float("nan"), "0.5", None])
+@pytest.mark.parametrize("temperature", [-0.1, -1, float("nan"), "0.5", None, True, False])
 def test_bad_temperature(temperature):
     with pytest.raises(ValueError, match=r"temperature must be a number >= 0 \(0 means greedy\)"):
         check_sampling_args(temperature, 0.9)
 
 
-@pytest.mark.parametrize("top_p", [0, 0.0, -0.5, 1.0001, 2, float("nan"), "0.9", None])
+@pytest.mark.parametrize("top_p", [0, 0.0, -0.5, 1.0001, 2, float("nan"), "0.9", None, True])
 def test_bad_top_p(top_p):
     with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
         check_sampling_args(0.6, top_p)
