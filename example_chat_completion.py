@@ -14,9 +14,9 @@ import fire
 
 from llama import Dialog, Llama
 from llama.chat_repl import run_chat
-from llama.cli import rank0_print, resolve_model, stream_flag
+from llama.cli import print_events, resolve_model, stream_flag
 from llama.distributed import report_rank_failures
-from llama.safety import checkers_from_specs, format_reports
+from llama.safety import checkers_from_specs
 from llama.streaming import StreamEvent, in_order
 
 
@@ -100,19 +100,11 @@ def main(
     else:
         results = generator.chat_completion(dialogs, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
         events = (StreamEvent(i, result["generation"]["content"], True) for i, result in enumerate(results))
-    shown = -1
-    for event in events:
-        if event.index != shown:
-            shown = event.index
-            for msg in dialogs[shown]:
-                rank0_print(f"{msg['role'].capitalize()}: {msg['content']}\n")
-            rank0_print("> Assistant: ", end="")
-        rank0_print(event.text, end="")
-        if event.done:
-            # The safety reports (with --safety): in the result, or on the last piece of a stream.
-            reports = getattr(event.text, "reports", []) if results is None else results[event.index].get("safety", [])
-            rank0_print("".join("\n" + line for line in format_reports(reports)), end="")
-            rank0_print("\n\n==================================\n")
+    print_events(
+        events,
+        lambda i: "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in dialogs[i]) + "> Assistant: ",
+        results,
+    )
 
 
 if __name__ == "__main__":

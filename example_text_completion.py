@@ -12,9 +12,9 @@ from typing import List, Optional
 import fire
 
 from llama import Llama
-from llama.cli import rank0_print, resolve_model, stream_flag
+from llama.cli import print_events, resolve_model, stream_flag
 from llama.distributed import report_rank_failures
-from llama.safety import checkers_from_specs, format_reports
+from llama.safety import checkers_from_specs
 from llama.streaming import StreamEvent, in_order
 
 
@@ -85,18 +85,7 @@ bread =>""",
     else:
         results = generator.text_completion(prompts, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
         events = (StreamEvent(i, result["generation"], True) for i, result in enumerate(results))
-    shown = -1
-    for event in events:
-        if event.index != shown:
-            shown = event.index
-            rank0_print(prompts[shown])
-            rank0_print("> ", end="")
-        rank0_print(event.text, end="")
-        if event.done:
-            # The safety reports (with --safety): in the result, or on the last piece of a stream.
-            reports = getattr(event.text, "reports", []) if results is None else results[event.index].get("safety", [])
-            rank0_print("".join("\n" + line for line in format_reports(reports)), end="")
-            rank0_print("\n\n==================================\n")
+    print_events(events, lambda i: f"{prompts[i]}\n> ", results)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Shared plumbing for the example scripts: model resolution and rank-0 printing."""
 
 import sys
-from typing import Optional, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 
 from . import distributed
+from .safety import format_reports
+from .streaming import StreamEvent
 
 
 def rank0_print(*args, **kwargs) -> None:
@@ -39,3 +41,21 @@ def stream_flag(stream) -> bool:
     if value in ("false", "no", "0", "off"):
         return False
     raise SystemExit(f"--stream takes true or false, got {stream!r}")
+
+
+def print_events(events: Iterable[StreamEvent], header: Callable[[int], str], results: Optional[List[dict]] = None) -> None:
+    """Print (rank 0) each row's ``header(index)``, then its text as it arrives, its safety
+    reports and a separator. ``events``: in row order (``llama.streaming.in_order``).
+    ``results``: the non-streamed results the events were made from, which hold the
+    reports under ``"safety"``; a stream carries them on its last piece instead.
+    """
+    shown = -1
+    for event in events:
+        if event.index != shown:
+            shown = event.index
+            rank0_print(header(shown), end="")
+        rank0_print(event.text, end="")
+        if event.done:
+            reports = getattr(event.text, "reports", []) if results is None else results[event.index].get("safety", [])
+            rank0_print("".join("\n" + line for line in format_reports(reports)), end="")
+            rank0_print("\n\n==================================\n")

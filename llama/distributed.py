@@ -43,25 +43,33 @@ def select_device(device: Union[None, str, torch.device] = None) -> torch.device
     ``"mps"``) or ``torch.device`` is accepted as given.
     """
     if device is None:
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank() % torch.cuda.device_count())
-        return torch.device("cpu")
+        return _this_rank_gpu() if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(device)
     except RuntimeError as e:
         raise ValueError(f"device={device!r} is not a torch device name (try 'cpu' or 'cuda'): {e}") from None
-    if device.type == "cuda":
+    if is_cuda(device):
         if not torch.cuda.is_available():
             raise ValueError(f"device={str(device)!r} was asked for but CUDA is not available; use device='cpu'")
         if device.index is None:
-            device = torch.device("cuda", local_rank() % torch.cuda.device_count())
+            device = _this_rank_gpu()
     return device
+
+
+def is_cuda(device: Union[str, torch.device]) -> bool:
+    """Whether ``device`` is a CUDA GPU: the one test behind every CUDA-specific choice."""
+    return torch.device(device).type == "cuda"
+
+
+def _this_rank_gpu() -> torch.device:
+    """This process's GPU: ``LOCAL_RANK`` modulo the GPUs visible on this host."""
+    return torch.device("cuda", local_rank() % torch.cuda.device_count())
 
 
 def select_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) -> torch.dtype:
     """Return the parameter dtype: bfloat16 on CUDA where supported (else float16), float32 elsewhere."""
     if dtype is None:
-        if device.type == "cuda":
+        if is_cuda(device):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if isinstance(dtype, torch.dtype):
@@ -74,7 +82,7 @@ def select_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) -> 
 
 
 def backend_for(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
+    return "nccl" if is_cuda(device) else "gloo"
 
 
 def _destroy_process_group() -> None:
@@ -143,7 +151,7 @@ def init_model_parallel(model_parallel_size: Optional[int], device: torch.device
     Returns the model-parallel world size.
     """
     if not dist.is_initialized():
-        if device.type == "cuda":
+        if is_cuda(device):
             torch.cuda.set_device(device)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         backend = backend_for(device)

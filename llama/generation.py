@@ -594,7 +594,7 @@ def compile_decode_step(model: Transformer, device: torch.device):
     (constant-folded and prepacked for its own matrix kernels).
     """
     single_graph = distributed.model_parallel_world_size() == 1  # collectives break the graph
-    if device.type == "cuda":
+    if distributed.is_cuda(device):
         return torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=single_graph, dynamic=False)
     if packed_linear.is_packed(model):
         return torch.compile(model.decode_step, fullgraph=single_graph, dynamic=False)

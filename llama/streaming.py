@@ -299,7 +299,8 @@ def stream_rows(
     Args:
         states: the ``DecodeState`` yielded by ``Llama._decode`` after each position
             (its ``tokens``, ``cur_pos``, ``token_logprobs`` and ``stopped`` are used;
-            a row that meets a stop string is ended with ``state.stopped[i] = True``).
+            a row that ends here, e.g. on a stop string or at ``max_gen_len``, is
+            marked ``state.stopped[i] = True`` so that the loop stops decoding it).
         tokenizer: the ``llama.Tokenizer`` of the model.
         prompt_tokens: the batch's prompts.
         max_gen_len: most tokens generated per row.
@@ -321,7 +322,7 @@ def stream_rows(
     for state in states:
         live = [i for i in range(bsz) if not done[i]]
         if not live:
-            continue  # the decode loop goes on until every row is stopped or at EOS
+            continue
         lo = min(next_pos[i] for i in live)
         window = state.tokens[:, lo : state.cur_pos + 1].tolist() if state.cur_pos >= lo else None
         for i in live:
@@ -341,8 +342,9 @@ def stream_rows(
                         continue
                     out.append(stream.add(token))
                     if stream.stopped:
-                        state.stopped[i] = True
                         done[i] = True
+            if done[i]:  # ended here, for whatever reason: the decode loop need not run it any further
+                state.stopped[i] = True
             text = "".join(out)
             if text:
                 texts[i].append(text)
