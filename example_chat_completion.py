@@ -61,6 +61,7 @@ def main(
         device=device,
         dtype=dtype,
         quantize=quantize,
+        pack_weights=False if compile else None,  # compile() then uses its frozen CPU kernels
     )
     generator.safety_checkers = checkers_from_specs(safety, device=device, dtype=dtype)
     if interactive:

@@ -311,9 +311,14 @@ def ours_generate(llama):
     return generate
 
 
-def hf_generate(model, device, cache: str, compile_config=None):
+def hf_generate(model, device, cache: str, compile_config=None, inductor_settings: Optional[dict] = None):
+    """transformers' ``generate``, greedy for exactly n tokens; ``inductor_settings``: Inductor's
+    config patched around each call (as ours is under --compile on the CPU)."""
+    import contextlib
+
     import torch
     import transformers
+    from torch._inductor import config as inductor_config
 
     configs = {}
 
@@ -334,7 +339,8 @@ def hf_generate(model, device, cache: str, compile_config=None):
     @torch.inference_mode()
     def generate(prompts, n):
         ids = torch.tensor(prompts, dtype=torch.long, device=device)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config_for(n))
+        with inductor_config.patch(inductor_settings) if inductor_settings else contextlib.nullcontext():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config_for(n))
         return out[:, ids.shape[1]:].tolist()
 
     return generate
@@ -396,7 +402,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--compile", action="store_true", help="ours: Llama.compile() (CUDA graphs on CUDA, frozen "
-                   "Inductor on CPU); transformers: static cache + its generate auto-compile")
+                   "weights and autotuned C++ GEMMs on CPU); transformers: static cache + its generate auto-compile")
     p.add_argument("--quantize", choices=["int8"], help="also run ours with weight-only quantization (ours-int8)")
     p.add_argument("--dense-too", action="store_true", help="also run ours with pack_weights=False (ours-dense): "
                    "what packing the float32 CPU weights gains")
@@ -424,6 +430,8 @@ def parse_args(argv=None):
         p.error("--batch-sizes must be positive")
     if args.gen_tokens < 2 or args.prompt_len < 1 or args.repeats < 1:
         p.error("--gen-tokens must be >= 2, --prompt-len and --repeats >= 1")
+    if args.dense_too and args.compile:
+        p.error("--dense-too is for eager runs: under --compile ours already has dense weights")
     if args.hf_cache is None:
         args.hf_cache = "static" if args.compile else "dynamic"
     return args
@@ -465,6 +473,7 @@ def main(argv=None) -> int:
     from llama import Llama
     from llama import distributed
     from llama.model import ModelArgs
+    from llama.generation import _CPU_FROZEN_GEMM
     from llama.packed_linear import is_packed
     from llama.quantize import quantize_model, weight_bytes
 
@@ -555,7 +564,9 @@ def main(argv=None) -> int:
                 _sync(device)
                 return built, time.perf_counter() - start
 
-            llama, seconds = build()
+            # --compile: dense float weights, as Llama.build(compile=True) and the scripts' --compile
+            # keep them (the compiled CPU step packs its own copy)
+            llama, seconds = build(**({"pack_weights": False} if args.compile else {}))
             load["ours"] = {"how": how, "s": seconds}
             llama.tokenizer = NoEosTokenizer()  # never stops early
             llama_int8 = None
@@ -578,6 +589,7 @@ def main(argv=None) -> int:
         # ---------------------------------------------------------------- compile
         compile_s: Dict[str, float] = {}
         hf_compile_config = None
+        hf_inductor_settings = None
         if args.compile:
             for name, built in (("ours", llama), ("ours-int8", llama_int8)):
                 if built is None:
@@ -598,7 +610,10 @@ def main(argv=None) -> int:
                 if device.type == "cuda":
                     hf_compile_config = transformers.CompileConfig()  # mode="reduce-overhead": CUDA graphs, like ours
                 else:
-                    hf_compile_config = transformers.CompileConfig(mode=None, options={"freezing": True}, dynamic=False)
+                    # The Inductor settings ours compiles with (frozen weights, autotuned C++ GEMMs),
+                    # patched around its generate: they must be set while Dynamo traces.
+                    hf_compile_config = transformers.CompileConfig(mode=None, dynamic=False)
+                    hf_inductor_settings = _CPU_FROZEN_GEMM
                     hf_compile_config._compile_all_devices = True  # its generate compiles on CUDA only otherwise
 
         # ---------------------------------------------------------------- implementations
@@ -616,7 +631,7 @@ def main(argv=None) -> int:
                                "quantize": args.quantize}))
         if hf_model is not None:
             hf_bytes = sum(p.numel() * p.element_size() for n, p in hf_model.named_parameters() if "embed_tokens" not in n)
-            impls.append(Impl("hf", hf_generate(hf_model, device, args.hf_cache, hf_compile_config), hf_bytes,
+            impls.append(Impl("hf", hf_generate(hf_model, device, args.hf_cache, hf_compile_config, hf_inductor_settings), hf_bytes,
                               {"kv_cache": args.hf_cache, "compiled": hf_compile_config is not None,
                                "attention": getattr(hf_model.config, "_attn_implementation", None)}))
 

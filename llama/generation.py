@@ -8,6 +8,8 @@ that say what to change.
 import hashlib
 import json
 import time
+import types
+import warnings
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -73,15 +75,19 @@ class Llama:
             dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``;
                 default bfloat16 on CUDA (float16 where unsupported), float32 on CPU.
             compile: compile the one-token decode step with ``torch.compile`` (static
-                shapes over the preallocated cache; CUDA graphs on CUDA, frozen weights on
-                CPU). Costs a warm-up (printed) and pays off on long generations.
+                shapes over the preallocated cache; CUDA graphs on CUDA, frozen weights and
+                autotuned C++ matrix kernels on CPU, which hold a second copy of the linear
+                weights). Costs a warm-up (printed; about a minute per batch size for a
+                110M model on 2 CPU cores) and pays off on long generations.
             verify: check the md5 sums of ``ckpt_dir/checklist.chk`` before loading
                 (every rank reads every file once more; a ValueError names the files that fail).
             quantize: ``"int8"``: weight-only int8 linear layers (per output row scales),
                 quantized tensor by tensor while loading; see :mod:`llama.quantize`.
             pack_weights: hold the linear layers' weights in oneDNN's packed layout, the
                 faster eager path for float32 on the CPU (see :mod:`llama.packed_linear`).
-                Default: on where supported, unless ``quantize`` is given; compiled too.
+                Default: on where supported, unless ``quantize`` or ``compile`` is given.
+                With ``compile`` too, the compiled step keeps calling oneDNN on these
+                weights: one copy of the weights, slower decoding than compile's default.
         """
         start_time = time.time()
         device = distributed.select_device(device)
@@ -93,7 +99,8 @@ class Llama:
         )
 
         supported = packed_linear.packing_supported(device, dtype)
-        pack = supported and quantize is None if pack_weights is None else bool(pack_weights)
+        # compile=True on the CPU keeps dense weights by default: the compiled step packs its own copy.
+        pack = supported and quantize is None and not compile if pack_weights is None else bool(pack_weights)
         if pack and not supported:
             raise ValueError(f"pack_weights=True needs float32 on the CPU (here: {dtype} on {device})")
         if pack and quantize is not None:
@@ -139,12 +146,20 @@ class Llama:
     def compile(self, warmup_batch_sizes: Sequence[int] = (1,)) -> float:
         """Compile the decode step now; returns (and prints on rank 0) the warm-up seconds.
 
-        Each new batch size compiles once more on first use.
+        Each new batch size compiles once more on first use, unless a larger one is
+        compiled already: a batch then runs padded to the smallest such size (each
+        compiled size is a separate graph, and on the CPU holds its own copy of the
+        packed weights). On the CPU, a model whose
+        weights are oneDNN-packed (``Llama.build``'s default without ``compile``) keeps
+        them and compiles around them; one with dense float weights (``compile=True`` or
+        ``pack_weights=False`` at build) gets the faster frozen, autotuned kernels.
         """
         start = time.time()
         self._decode_step = compile_decode_step(self.model, self.device)
+        self._compiled_batch_sizes = []
         with torch.inference_mode():
             for bsz in warmup_batch_sizes:
+                self._compiled_batch_size(bsz)
                 # Position 0 is written and later overwritten by the prefill of any prompt.
                 tokens = torch.zeros(bsz, 1, dtype=torch.long, device=self.device)
                 for _ in range(2):  # the second call records the CUDA graph
@@ -162,6 +177,7 @@ class Llama:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         self._decode_step = None  # compiled one-token step, see compile()
+        self._compiled_batch_sizes: List[int] = []  # batch sizes _decode_step has compiled for
         # Checkers used when a call passes no safety_checkers (see llama.safety); [] = no checks.
         self.safety_checkers: List[safety.SafetyChecker] = []
 
@@ -218,6 +234,15 @@ class Llama:
             pass
         return state.results(echo)
 
+    def _compiled_batch_size(self, bsz: int) -> int:
+        """The batch size the compiled step runs ``bsz`` rows at: the smallest compiled one
+        that fits, else ``bsz`` itself (compiled on first use)."""
+        fits = [size for size in self._compiled_batch_sizes if size >= bsz]
+        if fits:
+            return min(fits)
+        self._compiled_batch_sizes.append(bsz)
+        return bsz
+
     def _decode(
         self,
         prompt_tokens: List[List[int]],
@@ -240,6 +265,10 @@ class Llama:
         tokens, input_text_mask, pad_id = state.tokens, state.input_text_mask, self.tokenizer.pad_id
 
         positions = torch.arange(total_len, device=self.device)
+        step_bsz = self._compiled_batch_size(bsz) if self._decode_step is not None else bsz
+        # Padding rows feed token 0 into cache rows this batch does not use: any later
+        # batch writes each position of its rows before attending to it.
+        padding = torch.zeros(step_bsz - bsz, 1, dtype=tokens.dtype, device=self.device)
         prev_pos = 0
         if min_prompt_len == total_len:
             logits = self.model.forward(tokens, prev_pos)
@@ -252,7 +281,10 @@ class Llama:
             # token instead of the sampled one, so they are fed through the cache too.
             if self._decode_step is not None and cur_pos - prev_pos == 1:
                 pos = positions[prev_pos:cur_pos]  # a device view: no host-to-device copy per step
-                logits = self._decode_step(tokens[:, prev_pos:cur_pos], pos)[:, None]  # (bsz, 1, vocab)
+                step_tokens = tokens[:, prev_pos:cur_pos]  # (bsz, 1)
+                if step_bsz > bsz:  # a larger compiled size: pad, rather than compile another graph
+                    step_tokens = torch.cat([step_tokens, padding])  # (step_bsz, 1)
+                logits = self._decode_step(step_tokens, pos)[:bsz, None]  # (bsz, 1, vocab)
             else:
                 logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
             next_token = next_tokens(logits[:, -1], temperature, top_p, self.generator)
@@ -585,17 +617,82 @@ class DecodeState:
         return out_tokens, out_logprobs
 
 
+# Inductor settings for the compiled CPU decode step with float weights. Freezing turns the
+# weights into constants, which lets max-autotune offer its C++ GEMM template: it packs each
+# weight once at compile time into blocks its AVX2/AVX-512 micro-kernel streams, and is chosen
+# when it beats MKL/oneDNN (the ATEN choice) in a benchmark run at compile time. On our 2-core
+# machines a 110m-shape decode step went from 40 tok/s (oneDNN-packed weights through
+# llama::packed_linear) to 50 tok/s at batch 1, and from 150 to 230 tok/s at batch 8.
+# No autotuning reports on stderr: the choices are Inductor's business, not the user's.
+_CPU_FROZEN_GEMM = {
+    "freezing": True,
+    "max_autotune_gemm": True,
+    "max_autotune_gemm_backends": "CPP,ATEN",
+    "autotune_num_choices_displayed": 0,
+    "max_autotune_report_choices_stats": False,
+}
+
+
+def _with_inductor_config(compiled, settings: dict):
+    """Call ``compiled`` with Inductor's config patched to ``settings``.
+
+    Why not ``torch.compile(options=...)``: those options reach Inductor only, while Dynamo
+    decides at trace time, from the global config, whether parameters become constants
+    (freezing) or graph inputs. Tracing happens inside a call (the first one for each
+    batch size), so the patch must be active around every call.
+    """
+    from torch._inductor import config as inductor_config  # imported only by those who compile
+
+    def call(*args):
+        with inductor_config.patch(settings), warnings.catch_warnings():
+            # Inductor's benchmarking touches TypedStorage, which warns once per process.
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+            return compiled(*args)
+
+    return call
+
+
+def _with_own_code(method):
+    """``method`` (bound) on a copy of its function with a code object of its own.
+
+    Dynamo keys its cache of compiled graphs by code object. Shared by every model, that
+    cache would keep each compiled model's graphs (frozen weights included) alive after
+    the model is gone, and hit Dynamo's recompile limit (8) after a few models and batch
+    sizes in one process. Its own code object gives each model a cache freed with it.
+    """
+    func = method.__func__
+    clone = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__, func.__closure__)
+    return types.MethodType(clone, method.__self__)
+
+
 def compile_decode_step(model: Transformer, device: torch.device):
     """``torch.compile`` of ``model.decode_step`` for ``device``.
 
-    CUDA: ``mode="reduce-overhead"`` (CUDA graphs: one launch per token). CPU with
-    packed weights (:mod:`llama.packed_linear`): Inductor fuses the work between the
-    linear layers, which stay calls to oneDNN. Otherwise Inductor with frozen weights
-    (constant-folded and prepacked for its own matrix kernels).
+    CUDA: ``mode="reduce-overhead"`` (CUDA graphs: one launch per token). CPU, one rank,
+    float weights: Inductor with frozen weights and its autotuned C++ GEMM kernels
+    (``_CPU_FROZEN_GEMM``); the compiled step holds its own packed copy of the linear
+    weights, next to the model's dense ones that the eager prefill uses. CPU with
+    oneDNN-packed weights (:mod:`llama.packed_linear`, one copy of the weights): the
+    products stay oneDNN calls and Inductor fuses the work between them; at model
+    parallel > 1, float32 weights are packed here for this path. CPU with int8 weights:
+    plain Inductor (freezing would fold the dequantized weights into float constants).
     """
+    from .quantize import is_quantized
+
     single_graph = distributed.model_parallel_world_size() == 1  # collectives break the graph
+    step = _with_own_code(model.decode_step)
     if distributed.is_cuda(device):
-        return torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=single_graph, dynamic=False)
+        return torch.compile(step, mode="reduce-overhead", fullgraph=single_graph, dynamic=False)
+    if is_quantized(model):
+        return torch.compile(step, fullgraph=single_graph, dynamic=False)
+    if not single_graph:
+        # Split into several graphs by the collectives, the step decoded wrong tokens with
+        # the C++ GEMM kernels (torch 2.13, 2 ranks); oneDNN-packed weights decode right.
+        dtype = model.tok_embeddings.weight.dtype
+        if packed_linear.packing_supported(device, dtype):
+            packed_linear.pack_linear_weights(model)
+        return torch.compile(step, fullgraph=False, dynamic=False)
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
     if packed_linear.is_packed(model):
-        return torch.compile(model.decode_step, fullgraph=single_graph, dynamic=False)
-    return torch.compile(model.decode_step, options={"freezing": True}, fullgraph=single_graph, dynamic=False)
+        return compiled
+    return _with_inductor_config(compiled, _CPU_FROZEN_GEMM)

@@ -239,6 +239,11 @@ def load_quantized(
         p.requires_grad_(False)
 
 
+def is_quantized(model: nn.Module) -> bool:
+    """Whether any linear layer of ``model`` is an int8 layer of this module."""
+    return any(isinstance(module, Int8Linear) for module in model.modules())
+
+
 def weight_bytes(model: nn.Module, exclude_embedding: bool = True) -> int:
     """Bytes of the weights (parameters, int8 weights and scales) of ``model``; KV cache and RoPE tables excluded.
 

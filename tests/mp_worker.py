@@ -9,6 +9,8 @@ For each ``--case NAME=DIR`` it builds ``Llama`` from DIR on all ranks and write
 * ``OUT_DIR/NAME.json``: greedy and seeded top-p generations of fixed prompts, the world
   size, the checkpoint's shard count and the model's local weight shapes.
 
+``--compile`` builds with ``compile=True``, so the generations use the compiled decode step.
+
 ``--check-disagreement`` then gives each rank different prompts, and different
 ``max_seq_len`` to ``Llama.build``, and writes the error each rank got to
 ``OUT_DIR/disagreement.json``. ``--fail-rank R --fail HOW`` makes rank R fail
@@ -48,10 +50,12 @@ def logits_tokens(vocab_size: int) -> torch.Tensor:
 
 
 def run_case(
-    name: str, ckpt_dir: str, tokenizer: str, out: Optional[Path], dtype: Optional[str] = "float32"
+    name: str, ckpt_dir: str, tokenizer: str, out: Optional[Path], dtype: Optional[str] = "float32", compile: bool = False
 ) -> Dict:
     """Build, compute logits and generations; write them (rank 0) under ``out``; return the record."""
-    llama = Llama.build(ckpt_dir, tokenizer, MAX_SEQ_LEN, MAX_BATCH_SIZE, seed=SEED, device="cpu", dtype=dtype)
+    llama = Llama.build(
+        ckpt_dir, tokenizer, MAX_SEQ_LEN, MAX_BATCH_SIZE, seed=SEED, device="cpu", dtype=dtype, compile=compile
+    )
     model = llama.model
     logits = model.forward(logits_tokens(model.params.vocab_size), 0)
     prompt_tokens = [llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
@@ -108,6 +112,7 @@ def main(argv=None) -> None:
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--case", action="append", default=[], help="NAME=CKPT_DIR (repeatable)")
+    parser.add_argument("--compile", action="store_true")
     parser.add_argument("--check-disagreement", action="store_true")
     parser.add_argument("--fail-rank", type=int, default=None)
     parser.add_argument("--fail", choices=["corrupt", "dtype", "exit"], default=None)
@@ -126,7 +131,7 @@ def main(argv=None) -> None:
         if failing and args.fail == "exit":
             Llama.build(ckpt_dir, args.tokenizer, MAX_SEQ_LEN, MAX_BATCH_SIZE, seed=SEED, device="cpu", dtype=dtype)
             os._exit(3)
-        run_case(name, ckpt_dir, args.tokenizer, args.out, dtype=dtype)
+        run_case(name, ckpt_dir, args.tokenizer, args.out, dtype=dtype, compile=args.compile)
     if args.check_disagreement:
         check_disagreement(cases[0][1], args.tokenizer, args.out)
 

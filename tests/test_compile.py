@@ -1,8 +1,12 @@
 """Llama.build(compile=True): the torch.compile'd static-shape decode step (Inductor
-on the CPU) generates what the eager path generates, with packed and dense weights. About 40 s of
-compilation."""
+on the CPU) generates what the eager path generates, with packed weights (oneDNN calls) and
+dense ones (frozen, autotuned C++ GEMMs). About a minute of compilation."""
+
+import gc
+import weakref
 
 import pytest
+from torch._dynamo.utils import counters
 
 from llama import Llama
 from llama.packed_linear import is_packed
@@ -24,3 +28,34 @@ def test_compiled_decode_matches_eager(tiny_checkpoint, tiny_tokenizer_path, pac
     eager.compile(warmup_batch_sizes=(2,))
     c = eager.text_completion(prompts, temperature=0, max_gen_len=20)
     assert [r["generation"] for r in c] == [r["generation"] for r in a]
+    # One row runs padded to the compiled batch size 2: no new graph, the same text.
+    graphs = counters["stats"]["unique_graphs"]
+    d = eager.text_completion(prompts[1:], temperature=0, max_gen_len=20)
+    assert d[0]["generation"] == a[1]["generation"]
+    assert counters["stats"]["unique_graphs"] == graphs and eager._compiled_batch_sizes == [2]
+
+
+def test_compiled_int8_decode_matches_eager(tiny_checkpoint, tiny_tokenizer_path):
+    # Not frozen: freezing would fold the dequantized weights back into float constants.
+    kwargs = dict(max_seq_len=48, max_batch_size=2, device="cpu", quantize="int8")
+    eager = Llama.build(str(tiny_checkpoint), str(tiny_tokenizer_path), **kwargs)
+    compiled = Llama.build(str(tiny_checkpoint), str(tiny_tokenizer_path), compile=True, **kwargs)
+    prompts = ["the river", "once upon a time a fox"]
+    a = eager.text_completion(prompts, temperature=0, max_gen_len=20)
+    b = compiled.text_completion(prompts, temperature=0, max_gen_len=20)
+    assert [r["generation"] for r in a] == [r["generation"] for r in b]
+
+
+def test_compiled_models_are_freed_and_do_not_share_a_recompile_limit(tiny_checkpoint, tiny_tokenizer_path):
+    # Each model's compiled graphs live in a cache of its own, freed with the model: in one
+    # shared cache, dead models would stay alive and the 9th graph would hit Dynamo's limit of 8.
+    kwargs = dict(max_seq_len=48, max_batch_size=2, device="cpu", pack_weights=True)
+    refs = []
+    for _ in range(9):
+        llama = Llama.build(str(tiny_checkpoint), str(tiny_tokenizer_path), compile=True, **kwargs)
+        out = llama.text_completion(["the river"], temperature=0, max_gen_len=4)
+        refs.append(weakref.ref(llama.model))
+        del llama
+        gc.collect()
+    assert out[0]["generation"]
+    assert all(ref() is None for ref in refs)

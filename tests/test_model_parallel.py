@@ -217,6 +217,16 @@ def test_logits_and_generations_match_mp1(world, case, mp2, mp4, reference):
         assert got["sampled"] == want["sampled"], name
 
 
+def test_compiled_decode_at_mp2_matches_mp1(ckpts, tiny_tokenizer_path, tmp_path, reference):
+    # Collectives split the compiled step into several graphs (float32 CPU: oneDNN-packed weights).
+    result = torchrun(2, worker_args(tiny_tokenizer_path, tmp_path, {"plain": ckpts["plain-mp1"]}, "--compile"))
+    check_ok(result)
+    assert "Compiled the decode step" in result.stdout
+    _, want = read_case(reference, "plain")
+    _, got = read_case(tmp_path, "plain")
+    assert got["world"] == 2 and got["greedy"] == want["greedy"] and got["sampled"] == want["sampled"]
+
+
 def test_world1_loads_sharded_checkpoints(reference):
     for case, source in (("plain", "plain_from2"), ("gqa", "gqa_from4")):
         want_logits, want = read_case(reference, case)
