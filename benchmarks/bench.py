@@ -311,14 +311,9 @@ def ours_generate(llama):
     return generate
 
 
-def hf_generate(model, device, cache: str, compile_config=None, inductor_settings: Optional[dict] = None):
-    """transformers' ``generate``, greedy for exactly n tokens; ``inductor_settings``: Inductor's
-    config patched around each call (as ours is under --compile on the CPU)."""
-    import contextlib
-
+def hf_generate(model, device, cache: str, compile_config=None):
     import torch
     import transformers
-    from torch._inductor import config as inductor_config
 
     configs = {}
 
@@ -339,8 +334,7 @@ def hf_generate(model, device, cache: str, compile_config=None, inductor_setting
     @torch.inference_mode()
     def generate(prompts, n):
         ids = torch.tensor(prompts, dtype=torch.long, device=device)
-        with inductor_config.patch(inductor_settings) if inductor_settings else contextlib.nullcontext():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config_for(n))
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config_for(n))
         return out[:, ids.shape[1]:].tolist()
 
     return generate
@@ -411,6 +405,8 @@ def parse_args(argv=None):
     p.add_argument("--gen-tokens", type=int, default=64, help="new tokens per row, N (default %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats; median and best reported (default %(default)s)")
     p.add_argument("--skip-hf", action="store_true", help="do not run transformers")
+    p.add_argument("--hf-eager-too", action="store_true", help="with --compile: also run transformers' default "
+                   "(eager, dynamic cache) generate as hf-eager")
     p.add_argument("--hf-cache", choices=["dynamic", "static"], default=None,
                    help="transformers' KV cache (default: dynamic, its default; static with --compile)")
     p.add_argument("--seed", type=int, default=0)
@@ -473,7 +469,6 @@ def main(argv=None) -> int:
     from llama import Llama
     from llama import distributed
     from llama.model import ModelArgs
-    from llama.generation import _CPU_FROZEN_GEMM
     from llama.packed_linear import is_packed
     from llama.quantize import quantize_model, weight_bytes
 
@@ -589,7 +584,6 @@ def main(argv=None) -> int:
         # ---------------------------------------------------------------- compile
         compile_s: Dict[str, float] = {}
         hf_compile_config = None
-        hf_inductor_settings = None
         if args.compile:
             for name, built in (("ours", llama), ("ours-int8", llama_int8)):
                 if built is None:
@@ -610,10 +604,9 @@ def main(argv=None) -> int:
                 if device.type == "cuda":
                     hf_compile_config = transformers.CompileConfig()  # mode="reduce-overhead": CUDA graphs, like ours
                 else:
-                    # The Inductor settings ours compiles with (frozen weights, autotuned C++ GEMMs),
-                    # patched around its generate: they must be set while Dynamo traces.
+                    # Inductor's defaults: freezing needs Inductor's global config while Dynamo traces
+                    # (options= are too late), and with it set, its compiled static cache read out of bounds.
                     hf_compile_config = transformers.CompileConfig(mode=None, dynamic=False)
-                    hf_inductor_settings = _CPU_FROZEN_GEMM
                     hf_compile_config._compile_all_devices = True  # its generate compiles on CUDA only otherwise
 
         # ---------------------------------------------------------------- implementations
@@ -631,9 +624,13 @@ def main(argv=None) -> int:
                                "quantize": args.quantize}))
         if hf_model is not None:
             hf_bytes = sum(p.numel() * p.element_size() for n, p in hf_model.named_parameters() if "embed_tokens" not in n)
-            impls.append(Impl("hf", hf_generate(hf_model, device, args.hf_cache, hf_compile_config, hf_inductor_settings), hf_bytes,
+            impls.append(Impl("hf", hf_generate(hf_model, device, args.hf_cache, hf_compile_config), hf_bytes,
                               {"kv_cache": args.hf_cache, "compiled": hf_compile_config is not None,
                                "attention": getattr(hf_model.config, "_attn_implementation", None)}))
+            if args.hf_eager_too and hf_compile_config is not None:  # the same model, its default generate
+                impls.append(Impl("hf-eager", hf_generate(hf_model, device, "dynamic"), hf_bytes,
+                                  {"kv_cache": "dynamic", "compiled": False,
+                                   "attention": getattr(hf_model.config, "_attn_implementation", None)}))
 
         gen = torch.Generator().manual_seed(args.seed + 1)
         prompts = {b: torch.randint(3, margs.vocab_size, (b, args.prompt_len), generator=gen).tolist() for b in args.batch_sizes}
