@@ -149,10 +149,10 @@ class Llama:
         Each new batch size compiles once more on first use, unless a larger one is
         compiled already: a batch then runs padded to the smallest such size (each
         compiled size is a separate graph, and on the CPU holds its own copy of the
-        packed weights). On the CPU, a model whose
-        weights are oneDNN-packed (``Llama.build``'s default without ``compile``) keeps
-        them and compiles around them; one with dense float weights (``compile=True`` or
-        ``pack_weights=False`` at build) gets the faster frozen, autotuned kernels.
+        packed weights). On the CPU, a model whose weights are oneDNN-packed
+        (``Llama.build``'s default without ``compile``) keeps them and compiles around
+        them; one with dense float weights (``compile=True`` or ``pack_weights=False``
+        at build) gets the faster frozen, autotuned kernels.
         """
         start = time.time()
         self._decode_step = compile_decode_step(self.model, self.device)
