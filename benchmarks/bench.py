@@ -624,13 +624,12 @@ def main(argv=None) -> int:
                                "quantize": args.quantize}))
         if hf_model is not None:
             hf_bytes = sum(p.numel() * p.element_size() for n, p in hf_model.named_parameters() if "embed_tokens" not in n)
+            attention = getattr(hf_model.config, "_attn_implementation", None)
             impls.append(Impl("hf", hf_generate(hf_model, device, args.hf_cache, hf_compile_config), hf_bytes,
-                              {"kv_cache": args.hf_cache, "compiled": hf_compile_config is not None,
-                               "attention": getattr(hf_model.config, "_attn_implementation", None)}))
+                              {"kv_cache": args.hf_cache, "compiled": hf_compile_config is not None, "attention": attention}))
             if args.hf_eager_too and hf_compile_config is not None:  # the same model, its default generate
                 impls.append(Impl("hf-eager", hf_generate(hf_model, device, "dynamic"), hf_bytes,
-                                  {"kv_cache": "dynamic", "compiled": False,
-                                   "attention": getattr(hf_model.config, "_attn_implementation", None)}))
+                                  {"kv_cache": "dynamic", "compiled": False, "attention": attention}))
 
         gen = torch.Generator().manual_seed(args.seed + 1)
         prompts = {b: torch.randint(3, margs.vocab_size, (b, args.prompt_len), generator=gen).tolist() for b in args.batch_sizes}

@@ -683,16 +683,13 @@ def compile_decode_step(model: Transformer, device: torch.device):
     step = _with_own_code(model.decode_step)
     if distributed.is_cuda(device):
         return torch.compile(step, mode="reduce-overhead", fullgraph=single_graph, dynamic=False)
-    if is_quantized(model):
-        return torch.compile(step, fullgraph=single_graph, dynamic=False)
+    compiled = torch.compile(step, fullgraph=single_graph, dynamic=False)  # traced on first call
+    if is_quantized(model) or packed_linear.is_packed(model):
+        return compiled
     if not single_graph:
         # Split into several graphs by the collectives, the step decoded wrong tokens with
         # the C++ GEMM kernels (torch 2.13, 2 ranks); oneDNN-packed weights decode right.
-        dtype = model.tok_embeddings.weight.dtype
-        if packed_linear.packing_supported(device, dtype):
+        if packed_linear.packing_supported(device, model.tok_embeddings.weight.dtype):
             packed_linear.pack_linear_weights(model)
-        return torch.compile(step, fullgraph=False, dynamic=False)
-    compiled = torch.compile(step, fullgraph=True, dynamic=False)
-    if packed_linear.is_packed(model):
         return compiled
     return _with_inductor_config(compiled, _CPU_FROZEN_GEMM)
