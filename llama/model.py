@@ -3,13 +3,14 @@
 Pre-normalisation with RMSNorm, rotary position embeddings (RoPE), grouped-query
 attention and a SwiGLU feed-forward block. Attribute names match the keys of
 Meta's ``consolidated.NN.pth`` shards, so loading is a strict ``load_state_dict``.
-The KV cache is preallocated for ``max_batch_size x max_seq_len``.
+The KV cache (:class:`KVCache`) is preallocated for ``max_batch_size x max_seq_len``
+and passed to the layers: each of its rows holds one sequence at its own position.
 """
 
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,9 @@ from .parallel_layers import ColumnParallelLinear, ParallelEmbedding, RowParalle
 
 @dataclass
 class ModelArgs:
-    """Model hyper-parameters: the keys of ``params.json`` plus the cache sizes."""
+    """Model hyper-parameters: the keys of ``params.json``, plus the reference's default
+    cache sizes (``max_batch_size``, ``max_seq_len``), kept so that code written for the
+    reference that builds ``ModelArgs(max_seq_len=..., max_batch_size=..., **params)`` runs."""
 
     dim: int = 4096
     n_layers: int = 32
@@ -154,20 +157,74 @@ def precompute_rope(head_dim: int, end: int, theta: float = 10000.0, device=None
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each adjacent pair (x[2i], x[2i+1]) of x by its position's angle.
 
-    x: (bsz, seqlen, n_heads, head_dim); cos, sin: (seqlen, head_dim/2).
+    x: (bsz, seqlen, n_heads, head_dim); cos, sin: (bsz or 1, seqlen, head_dim/2), the
+    angles of each token's own position (rows of a batch may sit at different positions).
     Meta's layout pairs adjacent features (Hugging Face's permutes them into halves).
     """
     # (bsz, seqlen, heads, head_dim) -> (bsz, seqlen, heads, head_dim/2, 2)
     pairs = x.float().unflatten(-1, (-1, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos = cos[None, :, None, :]  # broadcast over batch and heads
-    sin = sin[None, :, None, :]
+    cos = cos[:, :, None, :]  # broadcast over heads
+    sin = sin[:, :, None, :]
     rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)
 
 
+class LayerCache(nn.Module):
+    """One layer's keys and values: (max_batch_size, n_local_kv_heads, max_seq_len, head_dim) each.
+
+    The layout attention reads directly, so a step copies nothing but the new tokens'
+    keys and values. Row ``i`` (a *slot*) holds one sequence; its positions need not
+    line up with any other row's.
+    """
+
+    def __init__(self, shape: Tuple[int, int, int, int], device, dtype):
+        super().__init__()
+        self.register_buffer("cache_k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("cache_v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+
+class KVCache(nn.Module):
+    """The preallocated KV cache of a whole model: ``max_batch_size`` rows of ``max_seq_len`` positions.
+
+    Made by whoever runs the model (``llama.runner.ModelRunner``, or ``Transformer`` itself
+    for the reference's ``forward(tokens, start_pos)``) and passed to every layer; the
+    model's weights know nothing of it. Not part of the state dict.
+    """
+
+    def __init__(self, params: ModelArgs, max_batch_size: int, max_seq_len: int, device, dtype):
+        super().__init__()
+        world = distributed.model_parallel_world_size()
+        n_local_kv_heads = max(1, params.kv_heads // world)
+        shape = (max_batch_size, n_local_kv_heads, max_seq_len, params.head_dim)
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.layers = nn.ModuleList(LayerCache(shape, device, dtype) for _ in range(params.n_layers))
+
+    def nbytes(self) -> int:
+        return sum(layer.cache_k.nbytes + layer.cache_v.nbytes for layer in self.layers)
+
+
+class Segments(NamedTuple):
+    """Where the tokens of a prefill go: sequence ``i`` is ``lengths[i]`` consecutive
+    tokens of the flattened input, written to cache row ``rows[i]`` from position ``starts[i]``."""
+
+    rows: List[int]
+    starts: List[int]
+    lengths: List[int]
+
+
+class DecodeRows(NamedTuple):
+    """One new token for each of cache rows ``0..bsz-1``, row ``i`` at ``positions[i]``.
+
+    ``mask`` (bsz, 1, 1, kv_len): the cached positions each row attends to (``<= positions[i]``).
+    """
+
+    positions: torch.Tensor
+    mask: torch.Tensor
+
+
 class Attention(nn.Module):
-    """Multi-head attention with grouped key/value heads and a preallocated KV cache.
+    """Multi-head attention with grouped key/value heads, over a KV cache passed in.
 
     Each model-parallel rank holds ``n_heads / world`` query heads and
     ``n_kv_heads / world`` key/value heads; when the world is larger than
@@ -187,25 +244,42 @@ class Attention(nn.Module):
         self.wk = ColumnParallelLinear(args.dim, kv_dim, gather_output=False, device=device, dtype=dtype)
         self.wv = ColumnParallelLinear(args.dim, kv_dim, gather_output=False, device=device, dtype=dtype)
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, input_is_parallel=True, device=device, dtype=dtype)
-        # (max_batch, n_local_kv_heads, max_seq_len, head_dim): the layout attention reads
-        # directly, so a decode step copies nothing but the new token's keys and values.
-        self.register_buffer("cache_k", None, persistent=False)
-        self.register_buffer("cache_v", None, persistent=False)
 
-    def allocate_cache(self, max_batch_size: int, max_seq_len: int, device, dtype) -> None:
-        shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
-        self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
-        self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d)) v for q (b, heads, s, d) and k, v (b, kv_heads, L, d).
+
+        No mask: a whole sequence from position 0 (s == L, causal) or a single query
+        that sees every key. With a mask (b or 1, 1, s, L) and grouped heads, each group's
+        queries are folded into one kv head's query axis: plain multi-head attention
+        over the cache as it is (no copy of the keys per query head), which every fused
+        kernel takes with a mask (flash-style kernels refuse grouped heads with a mask).
+        """
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=self.n_rep > 1)
+        if self.n_rep == 1:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        b, _, s, d = q.shape
+        # (b, heads, s, d) -> (b, kv_heads, n_rep * s, d): query head h belongs to kv head h // n_rep
+        folded = q.reshape(b, self.n_local_kv_heads, self.n_rep * s, d)
+        if s > 1:  # (b, 1, s, L) -> (b, 1, n_rep * s, L): the same rows for each folded head
+            mask = mask.repeat(1, 1, self.n_rep, 1)
+        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask)
+        return out.view(b, self.n_local_heads, s, d)
 
     def forward(
         self,
         x: torch.Tensor,
-        start_pos: Union[int, torch.Tensor],
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: Optional[torch.Tensor],
-        use_cache: bool = True,
+        cache: Optional[LayerCache],
+        batch: Union[None, Segments, DecodeRows],
     ) -> torch.Tensor:
+        """x (bsz, seqlen, dim) -> (bsz, seqlen, dim).
+
+        ``batch`` says how the tokens sit in the cache: ``DecodeRows`` (one token per row,
+        each at its own position), ``Segments`` (bsz 1: several sequences' chunks, one
+        after the other) or ``None`` (whole sequences from position 0, no cache: training).
+        """
         bsz, seqlen, _ = x.shape
         # (bsz, seqlen, heads * head_dim) -> (bsz, seqlen, heads, head_dim)
         xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
@@ -214,29 +288,32 @@ class Attention(nn.Module):
         xq = apply_rotary_emb(xq, cos, sin)
         xk = apply_rotary_emb(xk, cos, sin)
 
-        # (bsz, seqlen, heads, head_dim) -> (bsz, heads, seqlen, head_dim)
-        xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)
-        if isinstance(start_pos, torch.Tensor):
-            # Static shapes for torch.compile / CUDA graphs: write at a position held in a
-            # tensor and attend over the whole cache, masking positions not yet written.
-            self.cache_k[:bsz].index_copy_(2, start_pos, xk)
-            self.cache_v[:bsz].index_copy_(2, start_pos, xv)
-            keys, values = self.cache_k[:bsz], self.cache_v[:bsz]
-        elif use_cache:
-            end = start_pos + seqlen
-            self.cache_k[:bsz, :, start_pos:end] = xk
-            self.cache_v[:bsz, :, start_pos:end] = xv
-            keys = self.cache_k[:bsz, :, :end]
-            values = self.cache_v[:bsz, :, :end]
+        if isinstance(batch, DecodeRows):
+            # Write each row's new key and value at its own position, into the full buffers
+            # (a write into a view of them is copied out and back under torch.compile).
+            rows = torch.arange(bsz, device=x.device)
+            cache.cache_k[rows, :, batch.positions] = xk[:, 0]  # (bsz, kv_heads, head_dim)
+            cache.cache_v[rows, :, batch.positions] = xv[:, 0]
+            kv_len = batch.mask.shape[-1]
+            keys, values = cache.cache_k[:bsz, :, :kv_len], cache.cache_v[:bsz, :, :kv_len]
+            output = self._attend(xq.transpose(1, 2), keys, values, batch.mask)
+        elif isinstance(batch, Segments):
+            outputs, offset = [], 0
+            for row, start, length in zip(*batch):
+                end = start + length
+                # (length, kv_heads, head_dim) -> (kv_heads, length, head_dim)
+                cache.cache_k[row, :, start:end] = xk[0, offset : offset + length].transpose(0, 1)
+                cache.cache_v[row, :, start:end] = xv[0, offset : offset + length].transpose(0, 1)
+                q = xq[:, offset : offset + length].transpose(1, 2)  # (1, heads, length, head_dim)
+                keys, values = cache.cache_k[row : row + 1, :, :end], cache.cache_v[row : row + 1, :, :end]
+                mask = None
+                if start > 0:  # a chunk continuing a cached prefix: query i sees keys 0..start + i
+                    mask = torch.ones(length, end, dtype=torch.bool, device=x.device).tril(start)[None, None]
+                outputs.append(self._attend(q, keys, values, mask))
+                offset += length
+            output = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
         else:
-            keys, values = xk, xv
-
-        # Causal when the queries start the sequence; an explicit mask when a chunk
-        # continues a cached prefix; none for a single query, which sees everything.
-        is_causal = mask is None and seqlen > 1
-        output = F.scaled_dot_product_attention(
-            xq, keys, values, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_rep > 1
-        )
+            output = self._attend(xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2), None)
         # (bsz, heads, seqlen, head_dim) -> (bsz, seqlen, heads * head_dim)
         output = output.transpose(1, 2).reshape(bsz, seqlen, -1)
         return self.wo(output)
@@ -267,8 +344,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps, device=device, dtype=dtype)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps, device=device, dtype=dtype)
 
-    def forward(self, x, start_pos, cos, sin, mask, use_cache: bool = True):
-        h = x + self.attention(self.attention_norm(x), start_pos, cos, sin, mask, use_cache)
+    def forward(self, x, cos, sin, cache, batch):
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, batch)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -276,10 +353,16 @@ class Transformer(nn.Module):
     """The Llama 2 decoder.
 
     ``Transformer(params)`` allocates (uninitialised) weights on ``device`` in ``dtype``
-    (default CPU, float32) together with the KV cache and RoPE tables, like the
-    reference. ``Llama.build`` instead constructs it on the ``"meta"`` device, loads
-    the checkpoint with ``assign=True`` and then calls :meth:`allocate_buffers`.
-    A one-process model-parallel group is created if none exists.
+    (default CPU, float32) together with the RoPE tables and a KV cache of
+    ``params.max_batch_size x params.max_seq_len``, like the reference. ``Llama.build``
+    instead constructs it on the ``"meta"`` device, loads the checkpoint with
+    ``assign=True``, calls :meth:`allocate_buffers` and gives it the cache its model
+    runner allocates. A one-process model-parallel group is created if none exists.
+
+    Entry points: :meth:`forward` (the reference's: every row from cache row 0 at the
+    same position), :meth:`prefill` (chunks of several sequences, each in its own cache
+    row at its own position), :meth:`decode_step` (one token per row, each at its own
+    position; static shapes for ``torch.compile``) and :meth:`forward_train`.
     """
 
     def __init__(self, params: ModelArgs, *, device: Union[None, str, torch.device] = None, dtype: Optional[torch.dtype] = None):
@@ -302,63 +385,94 @@ class Transformer(nn.Module):
         self.output = ColumnParallelLinear(params.dim, params.vocab_size, gather_output=True, device=device, dtype=dtype)
         self.register_buffer("rope_cos", None, persistent=False)
         self.register_buffer("rope_sin", None, persistent=False)
+        self.cache: Optional[KVCache] = None
         if device.type != "meta":
             self.allocate_buffers(device, dtype)
+            self.cache = KVCache(params, params.max_batch_size, params.max_seq_len, device, dtype)
 
     def allocate_buffers(self, device: Union[str, torch.device], dtype: torch.dtype) -> None:
-        """Allocate the RoPE tables and the KV cache (``max_batch_size x max_seq_len``) on ``device``."""
+        """Allocate the RoPE tables (``max_seq_len`` positions) on ``device``."""
         self.rope_cos, self.rope_sin = precompute_rope(
             self.params.head_dim, self.params.max_seq_len, self.params.rope_theta, device=device
         )
-        for layer in self.layers:
-            layer.attention.allocate_cache(self.params.max_batch_size, self.params.max_seq_len, device, dtype)
 
-    def _hidden(self, tokens: torch.Tensor, start_pos: int, use_cache: bool) -> torch.Tensor:
-        bsz, seqlen = tokens.shape
-        if use_cache and bsz > self.params.max_batch_size:
-            raise ValueError(f"batch of {bsz} sequences exceeds max_batch_size={self.params.max_batch_size}")
-        if start_pos + seqlen > self.params.max_seq_len:
-            raise ValueError(
-                f"positions {start_pos}..{start_pos + seqlen - 1} exceed max_seq_len={self.params.max_seq_len}"
-            )
-        h = self.tok_embeddings(tokens)
-        cos = self.rope_cos[start_pos : start_pos + seqlen]
-        sin = self.rope_sin[start_pos : start_pos + seqlen]
-        mask = None
-        if seqlen > 1 and start_pos > 0:
-            # Query i (absolute position start_pos + i) sees keys 0..start_pos + i.
-            mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=tokens.device).tril(start_pos)
-        for layer in self.layers:
-            h = layer(h, start_pos, cos, sin, mask, use_cache)
+    def _check_cache(self) -> KVCache:
+        if self.cache is None:
+            raise ValueError("this model has no KV cache: give it one (model.cache = KVCache(...)) or use Llama.build")
+        return self.cache
+
+    def _run_layers(self, h: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
+        """The decoder stack on embeddings ``h``; ``positions`` (bsz or 1, seqlen) index the RoPE tables."""
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (bsz or 1, seqlen, head_dim/2)
+        caches = self.cache.layers if batch is not None else [None] * self.n_layers
+        for layer, cache in zip(self.layers, caches):
+            h = layer(h, cos, sin, cache, batch)
         return self.norm(h)
 
-    def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Logits (bsz, vocab_size), float32, for one new token per row at position ``pos``.
+    def prefill(self, tokens: torch.Tensor, segments: Segments, logit_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run chunks of several sequences in one pass, each into its own cache row.
 
-        tokens: (bsz, 1); pos: (1,) long tensor on the model's device. Every shape is
-        independent of the position, so a compiled version (CUDA graphs included) is
-        reused for the whole generation. Attends over the full cache with a mask.
+        tokens: (T,) the chunks one after the other, as ``segments`` describes them (a
+        chunk may continue what an earlier call cached in its row). Returns float32
+        logits (K, vocab_size) at the flattened indices ``logit_index`` (K,), or at
+        every token when it is None. The matrix products see all T tokens at once.
         """
-        h = self.tok_embeddings(tokens)
-        cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (1, head_dim/2)
-        # (1, max_seq_len): broadcast over (bsz, heads, 1 query, max_seq_len keys)
-        mask = (torch.arange(self.params.max_seq_len, device=tokens.device) <= pos).view(1, -1)
-        for layer in self.layers:
-            h = layer(h, pos, cos, sin, mask)
-        return self.output(self.norm(h))[:, -1].float()
+        cache = self._check_cache()
+        for row, start, length in zip(*segments):
+            if not 0 <= row < cache.max_batch_size:
+                raise ValueError(f"cache row {row} does not exist (max_batch_size={cache.max_batch_size})")
+            if start < 0 or length < 1 or start + length > cache.max_seq_len:
+                raise ValueError(
+                    f"positions {start}..{start + length - 1} exceed max_seq_len={cache.max_seq_len}"
+                )
+        positions = torch.cat(
+            [torch.arange(start, start + length, device=tokens.device) for _, start, length in zip(*segments)]
+        )
+        h = self._run_layers(self.tok_embeddings(tokens[None]), positions[None], segments)[0]  # (T, dim)
+        if logit_index is not None:
+            h = h[logit_index]
+        return self.output(h).float()
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: Optional[int] = None) -> torch.Tensor:
+        """Logits (bsz, vocab_size), float32, for one new token per cache row ``0..bsz-1``.
+
+        tokens: (bsz, 1); positions: (bsz,) long, row ``i``'s token goes to position
+        ``positions[i]`` and attends to the row's positions ``0..positions[i]``.
+        ``kv_len``: attend over the first ``kv_len`` cache positions (at least
+        ``max(positions) + 1``); default all of them. With the default, every shape is
+        independent of the positions, so one compiled version (CUDA graphs included)
+        serves every step of every generation.
+        """
+        cache = self._check_cache()
+        kv_len = cache.max_seq_len if kv_len is None else kv_len
+        # (bsz, kv_len) -> (bsz, 1, 1, kv_len): broadcast over heads and queries
+        mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+        h = self._run_layers(self.tok_embeddings(tokens), positions[:, None], DecodeRows(positions, mask))
+        return self.output(h)[:, -1].float()
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int, *, last_only: bool = False) -> torch.Tensor:
         """Logits (float32) for ``tokens`` (bsz, seqlen) at positions ``start_pos..``, using the KV cache.
 
-        Returns (bsz, seqlen, vocab_size), or (bsz, 1, vocab_size) with ``last_only``,
-        which skips the output projection for all but the last position.
+        The reference's entry point: row ``i`` of the batch is cache row ``i``, and every
+        row is at the same position. Returns (bsz, seqlen, vocab_size), or
+        (bsz, 1, vocab_size) with ``last_only``, which skips the output projection for
+        all but the last position.
         """
-        h = self._hidden(tokens, start_pos, use_cache=True)
-        if last_only:
-            h = h[:, -1:]
-        return self.output(h).float()
+        bsz, seqlen = tokens.shape
+        cache = self._check_cache()
+        if bsz > cache.max_batch_size:
+            raise ValueError(f"batch of {bsz} sequences exceeds max_batch_size={cache.max_batch_size}")
+        if start_pos + seqlen > cache.max_seq_len:
+            raise ValueError(f"positions {start_pos}..{start_pos + seqlen - 1} exceed max_seq_len={cache.max_seq_len}")
+        segments = Segments(list(range(bsz)), [start_pos] * bsz, [seqlen] * bsz)
+        index = None
+        if last_only:  # the last token of each row in the flattened (bsz * seqlen) input
+            index = torch.arange(1, bsz + 1, device=tokens.device) * seqlen - 1
+        logits = self.prefill(tokens.reshape(-1), segments, index)
+        return logits.view(bsz, 1 if last_only else seqlen, -1)
 
     def forward_train(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (float32) for whole sequences from position 0, without the KV cache, with autograd."""
-        return self.output(self._hidden(tokens, 0, use_cache=False)).float()
+        positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
+        return self.output(self._run_layers(self.tok_embeddings(tokens), positions, None)).float()

@@ -75,7 +75,9 @@ class IncrementalDetokenizer:
         # SentencePiece strips the leading space of the first non-control piece only.
         self._strip_pending = all(self._sp.IsControl(int(t)) for t in context)
         self._emitted = 0  # characters emitted so far
-        self._boundaries: List[Tuple[int, int]] = [(0, 0)]  # (tokens, characters) after each emission
+        # after each emission: how many tokens were read, and how many characters emitted
+        self._boundary_tokens: List[int] = [0]
+        self._boundary_chars: List[int] = [0]
 
     @property
     def tokens(self) -> List[int]:
@@ -97,7 +99,8 @@ class IncrementalDetokenizer:
             self._strip_pending = False
         self._read = end
         self._emitted += len(text)
-        self._boundaries.append((end, self._emitted))
+        self._boundary_tokens.append(end)
+        self._boundary_chars.append(self._emitted)
         return text
 
     def add(self, token_id: int) -> str:
@@ -129,8 +132,13 @@ class IncrementalDetokenizer:
     def tokens_within(self, n_chars: int) -> int:
         """How many of the added tokens have all their text within the first ``n_chars``
         characters emitted (a character made of several byte pieces counts whole)."""
-        i = bisect.bisect_right([c for _, c in self._boundaries], n_chars) - 1
-        return self._boundaries[i][0]
+        i = bisect.bisect_right(self._boundary_chars, n_chars) - 1
+        return self._boundary_tokens[i]
+
+    @property
+    def emitted_chars(self) -> int:
+        """Characters emitted so far."""
+        return self._emitted
 
 
 class StopMatcher:
@@ -230,6 +238,12 @@ class TextStream:
         if self.matcher is None:
             return delta
         return self.matcher.add(delta) + self.matcher.flush()
+
+    def emitted_tokens(self) -> int:
+        """How many of the added tokens have all their text emitted so far (text held
+        back, as a possible start of a stop string or an unfinished character, is not)."""
+        chars = self.matcher.emitted if self.matcher is not None else self.detokenizer.emitted_chars
+        return self.detokenizer.tokens_within(chars)
 
     def kept_tokens(self) -> int:
         """How many of the added tokens to report: all, or after a stop string those

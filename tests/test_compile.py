@@ -17,7 +17,7 @@ def test_compiled_decode_matches_eager(tiny_checkpoint, tiny_tokenizer_path, pac
     kwargs = dict(max_seq_len=48, max_batch_size=2, device="cpu", pack_weights=pack_weights)
     eager = Llama.build(str(tiny_checkpoint), str(tiny_tokenizer_path), **kwargs)
     compiled = Llama.build(str(tiny_checkpoint), str(tiny_tokenizer_path), compile=True, **kwargs)
-    assert compiled._decode_step is not None and is_packed(compiled.model) == pack_weights
+    assert compiled.runner.compiled and is_packed(compiled.model) == pack_weights
     prompts = ["the river", "once upon a time a fox"]
     a = eager.text_completion(prompts, temperature=0, max_gen_len=20, logprobs=True)
     b = compiled.text_completion(prompts, temperature=0, max_gen_len=20, logprobs=True)
@@ -32,7 +32,7 @@ def test_compiled_decode_matches_eager(tiny_checkpoint, tiny_tokenizer_path, pac
     graphs = counters["stats"]["unique_graphs"]
     d = eager.text_completion(prompts[1:], temperature=0, max_gen_len=20)
     assert d[0]["generation"] == a[1]["generation"]
-    assert counters["stats"]["unique_graphs"] == graphs and eager._compiled_batch_sizes == [2]
+    assert counters["stats"]["unique_graphs"] == graphs and eager.runner.compiled_batch_sizes == [2]
 
 
 def test_compiled_int8_decode_matches_eager(tiny_checkpoint, tiny_tokenizer_path):

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import llama.engine as engine
 import llama.generation as generation
 from llama import Llama
 from llama.model import ModelArgs
@@ -80,16 +81,17 @@ def test_mixed_length_batch_equals_one_by_one(llama):
 def test_more_prompts_than_max_batch_size(tiny_checkpoint, tiny_tokenizer_path, monkeypatch):
     small = build(tiny_checkpoint, tiny_tokenizer_path, max_batch_size=2)
     big = build(tiny_checkpoint, tiny_tokenizer_path, max_batch_size=8)
-    widths = []
-    forward = small.model.forward
+    widths, running = [], []
+    decode = small.runner.decode
 
-    def spy(tokens, *args, **kwargs):
-        widths.append(tokens.shape[0])
-        return forward(tokens, *args, **kwargs)
+    def spy(tokens, positions):
+        widths.append(len(tokens))
+        running.append(small.engine.num_running)
+        return decode(tokens, positions)
 
-    monkeypatch.setattr(small.model, "forward", spy)
+    monkeypatch.setattr(small.runner, "decode", spy)
     got = small.text_completion(PROMPTS, max_gen_len=10, temperature=0)
-    assert max(widths) == 2 and widths.count(1) > 0  # batches of 2, 2 and 1
+    assert max(widths) == 2 and max(running) == 2  # never more rows than slots
     assert got == big.text_completion(PROMPTS, max_gen_len=10, temperature=0)
     assert len(got) == len(PROMPTS)
 
@@ -231,12 +233,14 @@ def test_cut_at_eos(llama, monkeypatch):
     script = {0: [5, 6, eos, 7, 8, 9, 10, 11], 1: [20, 21, 22, 23, 24, 25, 26, 27]}
     steps = []
 
-    def scripted(logits, temperature, top_p, generator=None):
+    def scripted(logits, temperatures, top_ps, generators):
+        # The engine samples its rows in slot order; slot i follows script[i].
         steps.append(logits.shape[0])
-        k = len(steps) - 1
-        return torch.tensor([script[row][k] for row in range(logits.shape[0])])
+        live = [r for r in llama.engine.slots if r is not None]
+        assert len(live) == logits.shape[0]
+        return torch.tensor([script[r.slot][len(r.output_tokens)] for r in live])
 
-    monkeypatch.setattr(generation, "next_tokens", scripted)
+    monkeypatch.setattr(engine, "sample_rows", scripted)
     prompts = [[1, 40, 41], [1, 50, 51]]
     tokens, logprobs = llama.generate(prompts, max_gen_len=8, temperature=0.6, logprobs=True)
     assert tokens == [[5, 6], [20, 21, 22, 23, 24, 25, 26, 27]]
@@ -255,10 +259,10 @@ def test_eos_in_a_longer_prompt_does_not_stop_it(llama, monkeypatch):
     eos = llama.tokenizer.eos_id
     short, long = [1, 40], [1, 40, 41, eos, 1, 42]
 
-    def always(logits, temperature, top_p, generator=None):
+    def always(logits, temperatures, top_ps, generators):
         return torch.full((logits.shape[0],), 9)
 
-    monkeypatch.setattr(generation, "next_tokens", always)
+    monkeypatch.setattr(engine, "sample_rows", always)
     tokens, _ = llama.generate([short, long], max_gen_len=3, temperature=0)
     assert tokens == [[9, 9, 9], [9, 9, 9]]
 
@@ -422,7 +426,7 @@ def test_bad_dtype(tiny_checkpoint, tiny_tokenizer_path, dtype):
 def test_bfloat16_on_cpu(tiny_checkpoint, tiny_tokenizer_path, dtype):
     llama = build(tiny_checkpoint, tiny_tokenizer_path, dtype=dtype)
     assert {p.dtype for p in llama.model.parameters()} == {torch.bfloat16}
-    assert llama.model.layers[0].attention.cache_k.dtype == torch.bfloat16
+    assert llama.model.cache.layers[0].cache_k.dtype == torch.bfloat16
     tokens, logprobs = llama.generate([[1, 40, 41]], max_gen_len=4, temperature=0, logprobs=True)
     assert len(tokens[0]) == len(logprobs[0]) and all(lp <= 0 for lp in logprobs[0])
     assert isinstance(llama.text_completion(["The river"], max_gen_len=4)[0]["generation"], str)

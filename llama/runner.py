@@ -1,0 +1,185 @@
+"""The model runner: a model, its KV cache and its (optionally compiled) decode step.
+
+The engine (:mod:`llama.engine`) decides *what* runs at each step; the runner runs it:
+:meth:`ModelRunner.prefill` puts chunks of prompts into their cache rows in one pass,
+:meth:`ModelRunner.decode` feeds one token to each of the first rows of the cache,
+each row at its own position. With :meth:`ModelRunner.compile`, decoding goes through
+one ``torch.compile``'d static-shape graph per batch size (positions are a tensor, so
+no prompt or generation length ever recompiles it).
+"""
+
+import time
+import types
+import warnings
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from . import distributed, packed_linear
+from .model import KVCache, Segments, Transformer
+
+# Inductor settings for the compiled CPU decode step with float weights. Freezing turns the
+# weights into constants, which lets max-autotune offer its C++ GEMM template: it packs each
+# weight once at compile time into blocks its AVX2/AVX-512 micro-kernel streams, and is chosen
+# when it beats MKL/oneDNN (the ATEN choice) in a benchmark run at compile time. On our 2-core
+# machines a 110m-shape decode step went from 40 tok/s (oneDNN-packed weights through
+# llama::packed_linear) to 50 tok/s at batch 1, and from 150 to 230 tok/s at batch 8.
+# No autotuning reports on stderr: the choices are Inductor's business, not the user's.
+_CPU_FROZEN_GEMM = {
+    "freezing": True,
+    "max_autotune_gemm": True,
+    "max_autotune_gemm_backends": "CPP,ATEN",
+    "autotune_num_choices_displayed": 0,
+    "max_autotune_report_choices_stats": False,
+}
+
+
+def _with_inductor_config(compiled, settings: dict):
+    """Call ``compiled`` with Inductor's config patched to ``settings``.
+
+    Why not ``torch.compile(options=...)``: those options reach Inductor only, while Dynamo
+    decides at trace time, from the global config, whether parameters become constants
+    (freezing) or graph inputs. Tracing happens inside a call (the first one for each
+    batch size), so the patch must be active around every call.
+    """
+    from torch._inductor import config as inductor_config  # imported only by those who compile
+
+    def call(*args):
+        with inductor_config.patch(settings), warnings.catch_warnings():
+            # Inductor's benchmarking touches TypedStorage, which warns once per process.
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+            return compiled(*args)
+
+    return call
+
+
+def _with_own_code(method):
+    """``method`` (bound) on a copy of its function with a code object of its own.
+
+    Dynamo keys its cache of compiled graphs by code object. Shared by every model, that
+    cache would keep each compiled model's graphs (frozen weights included) alive after
+    the model is gone, and hit Dynamo's recompile limit (8) after a few models and batch
+    sizes in one process. Its own code object gives each model a cache freed with it.
+    """
+    func = method.__func__
+    clone = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__, func.__closure__)
+    return types.MethodType(clone, method.__self__)
+
+
+def compile_decode_step(model: Transformer, device: torch.device):
+    """``torch.compile`` of ``model.decode_step`` for ``device``, called as ``step(tokens, positions)``.
+
+    CUDA: ``mode="reduce-overhead"`` (CUDA graphs: one launch per token). CPU, one rank,
+    float weights: Inductor with frozen weights and its autotuned C++ GEMM kernels
+    (``_CPU_FROZEN_GEMM``); the compiled step holds its own packed copy of the linear
+    weights, next to the model's dense ones that the eager prefill uses. CPU with
+    oneDNN-packed weights (:mod:`llama.packed_linear`, one copy of the weights): the
+    products stay oneDNN calls and Inductor fuses the work between them; at model
+    parallel > 1, float32 weights are packed here for this path. CPU with int8 weights:
+    plain Inductor (freezing would fold the dequantized weights into float constants).
+    """
+    from .quantize import is_quantized
+
+    single_graph = distributed.model_parallel_world_size() == 1  # collectives break the graph
+    step = _with_own_code(model.decode_step)
+    if distributed.is_cuda(device):
+        return torch.compile(step, mode="reduce-overhead", fullgraph=single_graph, dynamic=False)
+    compiled = torch.compile(step, fullgraph=single_graph, dynamic=False)  # traced on first call
+    if is_quantized(model) or packed_linear.is_packed(model):
+        return compiled
+    if not single_graph:
+        # Split into several graphs by the collectives, the step decoded wrong tokens with
+        # the C++ GEMM kernels (torch 2.13, 2 ranks); oneDNN-packed weights decode right.
+        if packed_linear.packing_supported(device, model.tok_embeddings.weight.dtype):
+            packed_linear.pack_linear_weights(model)
+        return compiled
+    return _with_inductor_config(compiled, _CPU_FROZEN_GEMM)
+
+
+class ModelRunner:
+    """Runs ``model`` over a KV cache of ``max_batch_size`` rows (slots) of ``max_seq_len`` positions.
+
+    The cache is allocated here and handed to the model (``model.cache``), so the
+    reference's ``model.forward(tokens, start_pos)`` uses the same memory.
+    """
+
+    def __init__(self, model: Transformer, max_batch_size: int, max_seq_len: int):
+        self.model = model
+        self.device = model.tok_embeddings.weight.device
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        if max_seq_len > model.rope_cos.shape[0]:
+            raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's RoPE tables ({model.rope_cos.shape[0]})")
+        cache = model.cache
+        if cache is None or (cache.max_batch_size, cache.max_seq_len) != (max_batch_size, max_seq_len):
+            model.cache = None  # free the old one first
+            dtype = model.norm.weight.dtype
+            model.cache = KVCache(model.params, max_batch_size, max_seq_len, self.device, dtype)
+        self._decode_step = None  # compiled one-token step, see compile()
+        self.compiled_batch_sizes: List[int] = []  # batch sizes _decode_step has compiled for
+        self.compile_seconds = 0.0
+
+    @torch.inference_mode()
+    def prefill(self, tokens: Sequence[int], segments: Segments, logit_index: Optional[Sequence[int]]) -> torch.Tensor:
+        """Chunks of prompts (flattened ``tokens``, laid out by ``segments``) into their cache
+        rows in one pass; float32 logits at the flattened indices ``logit_index`` (all if None)."""
+        t = torch.tensor(tokens, dtype=torch.long).to(self.device, non_blocking=True)
+        index = None if logit_index is None else torch.tensor(logit_index, dtype=torch.long).to(self.device)
+        return self.model.prefill(t, segments, index)
+
+    def step_batch_size(self, n: int) -> int:
+        """The batch size a decode of cache rows ``0..n-1`` runs at: ``n`` eager; compiled,
+        the smallest compiled size that fits (compiling ``n`` itself on first use when none does)."""
+        if self._decode_step is None:
+            return n
+        fits = [size for size in self.compiled_batch_sizes if size >= n]
+        return min(fits) if fits else n
+
+    @torch.inference_mode()
+    def decode(self, tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+        """One token for each of cache rows ``0..len(tokens)-1``, row ``i`` at ``positions[i]``.
+
+        ``positions`` covers at least :meth:`step_batch_size` rows: rows past
+        ``len(tokens)`` (run as padding of a compiled size) get token 0 at their given
+        position, which the caller picks where a write is harmless (a row's next
+        position, written again before it is read). Returns float32 logits (len(tokens), vocab).
+        """
+        n = len(tokens)
+        size = self.step_batch_size(n)
+        padded = list(tokens) + [0] * (size - n)
+        t = torch.tensor(padded, dtype=torch.long)[:, None].to(self.device, non_blocking=True)  # (size, 1)
+        pos = torch.tensor(positions[:size], dtype=torch.long).to(self.device, non_blocking=True)
+        if self._decode_step is None:
+            return self.model.decode_step(t, pos, kv_len=max(positions[:size]) + 1)
+        if size not in self.compiled_batch_sizes:
+            self.compiled_batch_sizes.append(size)
+        return self._decode_step(t, pos)[:n]
+
+    def compile(self, warmup_batch_sizes: Sequence[int] = (1,)) -> float:
+        """Compile the decode step and warm it up for each batch size; returns the seconds taken.
+
+        The warm-up writes position 0 of the first rows of the cache: call it while no
+        sequence is in flight (a later prefill rewrites position 0 of any row it uses).
+        """
+        start = time.time()
+        if self._decode_step is None:
+            self._decode_step = compile_decode_step(self.model, self.device)
+        with torch.inference_mode():
+            for bsz in warmup_batch_sizes:
+                if not 1 <= bsz <= self.max_batch_size:
+                    raise ValueError(f"warm-up batch size {bsz} is not within 1..max_batch_size={self.max_batch_size}")
+                if bsz not in self.compiled_batch_sizes:
+                    self.compiled_batch_sizes.append(bsz)
+                tokens = torch.zeros(bsz, 1, dtype=torch.long, device=self.device)
+                positions = torch.zeros(bsz, dtype=torch.long, device=self.device)
+                for _ in range(2):  # the second call records the CUDA graph
+                    self._decode_step(tokens, positions)
+        seconds = time.time() - start
+        self.compile_seconds += seconds
+        return seconds
+
+    @property
+    def compiled(self) -> bool:
+        return self._decode_step is not None
+
+    def stats(self) -> Dict[str, object]:
+        return {"compiled_batch_sizes": list(self.compiled_batch_sizes), "kv_cache_bytes": self.model.cache.nbytes()}
