@@ -4,13 +4,19 @@ fairscale's constructors allocate with the legacy ``torch.Tensor(rows, cols)``
 constructor, which ignores ``torch.device("meta")``, and on a model-parallel world
 larger than one they also materialise the *full* (unsharded) matrix to scatter it.
 For a 70B model that is tens of GB of garbage per rank before the checkpoint is even
-opened. These subclasses keep fairscale's forward passes (and thus its collectives)
-but set up the same attributes with parameters created directly on ``device`` in
-``dtype``: ``device="meta"`` costs nothing, and the checkpoint is then loaded with
-``load_state_dict(assign=True)``.
+opened. These layers keep fairscale's collectives but create their parameters directly
+on ``device`` in ``dtype``: ``device="meta"`` costs nothing, and the checkpoint is then
+loaded with ``load_state_dict(assign=True)``.
+
+The two linear layers do the model-parallel communication (fairscale's copy/gather
+for column-parallel, scatter/reduce for row-parallel; skipped at world size 1) around
+a kernel of :mod:`llama.linear_kernels`, chosen by the layout of the local weight they
+hold: dense float, oneDNN-packed (:mod:`llama.packed_linear`) or int8 with per-row
+``scales`` (:mod:`llama.quantize`). Whatever the layout, ``state_dict()`` has the
+checkpoint's keys: ``weight`` (reported dense when packed), plus ``scales`` for int8.
 """
 
-from typing import Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +25,7 @@ from fairscale.nn.model_parallel import mappings as mp_mappings
 from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from torch import nn
 
-from .packed_linear import linear
+from . import linear_kernels
 
 
 def _partition(size: int, what: str) -> int:
@@ -67,7 +73,70 @@ class ParallelEmbedding(fs_layers.ParallelEmbedding):
         return super().forward(input_)
 
 
-class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
+def _dense_state_dict(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """state_dict hook: report a packed weight as the dense tensor it stands for."""
+    key = prefix + "weight"
+    if key in state_dict and state_dict[key].is_mkldnn:
+        state_dict[key] = state_dict[key].to_dense()
+
+
+class ParallelLinear(nn.Module):
+    """y = x W^T on this rank's shard of W (``local_shape``), no bias; see the subclasses."""
+
+    def __init__(self, in_features: int, out_features: int, local_shape: Tuple[int, int], device, dtype) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = _parameter(local_shape, device, dtype)
+        self.register_parameter("bias", None)
+        self.kernel: linear_kernels.Kernel = linear_kernels.dense
+        self.packed_handle: Optional[int] = None  # set with a packed weight, for linear_kernels.packed
+        self.single_rank = get_model_parallel_world_size() == 1
+        self._register_state_dict_hook(_dense_state_dict)
+
+    def set_weight(self, weight: torch.Tensor, scales: Optional[torch.Tensor] = None) -> None:
+        """Hold ``weight`` (local shard, out x in) in place of the current one, and compute with its kernel.
+
+        ``weight``: dense float or oneDNN-packed (a parameter that takes no gradient), or
+        int8 with its per-output-row ``scales`` (buffers: nothing to train). The previous
+        tensors are dropped here, so they are freed unless referenced elsewhere.
+        """
+        kernel = linear_kernels.kernel_for(weight)
+        if (scales is not None) != (kernel is linear_kernels.int8):
+            raise ValueError("an int8 weight needs its scales, and only an int8 weight takes scales")
+        del self.weight
+        if "scales" in self._buffers:
+            del self.scales
+        if scales is None:
+            self.weight = nn.Parameter(weight, requires_grad=False)
+        else:
+            self.register_buffer("weight", weight)
+            self.register_buffer("scales", scales)
+        self.kernel = kernel
+        self.packed_handle = None
+        if kernel is linear_kernels.packed:  # the parameter itself: the handle holds it weakly
+            self.packed_handle = linear_kernels.register_packed(self.weight)
+            self.packed_out_features = weight.shape[0]
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        if self.single_rank:  # fairscale's region functions are identities here; skip their overhead
+            return self.kernel(input_, self)
+        return self._leave_region(self.kernel(self._enter_region(input_), self))
+
+    def _enter_region(self, input_: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _leave_region(self, output: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"local weight {tuple(self.weight.shape)} {self.weight.dtype}, kernel={self.kernel.__name__}"
+        )
+
+
+class ColumnParallelLinear(ParallelLinear):
     """y = x W^T with W split along its output rows (checkpoint dim 0); no bias."""
 
     def __init__(
@@ -79,27 +148,18 @@ class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
-        nn.Module.__init__(self)
-        self.in_features = in_features
-        self.out_features = out_features
+        rows = _partition(out_features, "output features")
+        super().__init__(in_features, out_features, (rows, in_features), device, dtype)
         self.gather_output = gather_output
-        self.output_size_per_partition = _partition(out_features, "output features")
-        self.weight = _parameter((self.output_size_per_partition, in_features), device, dtype)
-        self.register_parameter("bias", None)
-        self.master_weight = None
-        self.single_rank = get_model_parallel_world_size() == 1
-        self.packed_handle: Optional[int] = None  # set by llama.packed_linear
 
-    def forward(self, input_: torch.Tensor) -> torch.Tensor:
-        if self.single_rank:  # fairscale's region functions are identities here; skip their overhead
-            return linear(input_, self)
-        if self.packed_handle is not None:  # fairscale's forward, with the packed weight's kernel
-            output = linear(mp_mappings.copy_to_model_parallel_region(input_), self)
-            return mp_mappings.gather_from_model_parallel_region(output) if self.gather_output else output
-        return super().forward(input_)
+    def _enter_region(self, input_: torch.Tensor) -> torch.Tensor:
+        return mp_mappings.copy_to_model_parallel_region(input_)
+
+    def _leave_region(self, output: torch.Tensor) -> torch.Tensor:
+        return mp_mappings.gather_from_model_parallel_region(output) if self.gather_output else output
 
 
-class RowParallelLinear(fs_layers.RowParallelLinear):
+class RowParallelLinear(ParallelLinear):
     """y = x W^T with W split along its input columns (checkpoint dim 1); no bias."""
 
     def __init__(
@@ -111,22 +171,19 @@ class RowParallelLinear(fs_layers.RowParallelLinear):
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
-        nn.Module.__init__(self)
-        self.in_features = in_features
-        self.out_features = out_features
+        cols = _partition(in_features, "input features")
+        super().__init__(in_features, out_features, (out_features, cols), device, dtype)
         self.input_is_parallel = input_is_parallel
-        self.input_size_per_partition = _partition(in_features, "input features")
-        self.weight = _parameter((out_features, self.input_size_per_partition), device, dtype)
-        self.register_parameter("bias", None)
-        self.master_weight = None
-        self.single_rank = get_model_parallel_world_size() == 1
-        self.packed_handle: Optional[int] = None  # set by llama.packed_linear
 
-    def forward(self, input_: torch.Tensor) -> torch.Tensor:
-        if self.single_rank:
-            return linear(input_, self)
-        if self.packed_handle is not None:  # fairscale's forward, with the packed weight's kernel
-            if not self.input_is_parallel:
-                input_ = mp_mappings.scatter_to_model_parallel_region(input_)
-            return mp_mappings.reduce_from_model_parallel_region(linear(input_, self))
-        return super().forward(input_)
+    def _enter_region(self, input_: torch.Tensor) -> torch.Tensor:
+        return input_ if self.input_is_parallel else mp_mappings.scatter_to_model_parallel_region(input_)
+
+    def _leave_region(self, output: torch.Tensor) -> torch.Tensor:
+        return mp_mappings.reduce_from_model_parallel_region(output)
+
+
+def linear_layers(model: nn.Module) -> Iterator[Tuple[str, ParallelLinear]]:
+    """(name, layer) of every model-parallel linear layer of ``model``, whatever its weight's layout."""
+    for name, module in model.named_modules():
+        if isinstance(module, ParallelLinear):
+            yield name, module

@@ -12,33 +12,24 @@ and dequantized on the fly, so a decode step reads one byte per weight instead o
 Quantization acts on each rank's local shard: scales are per output row, so a
 column-parallel shard (rows split) and a row-parallel shard (full rows, columns
 split) are quantized on their own without talking to the other ranks. The layers
-keep fairscale's collectives (copy/gather for column-parallel, reduce for
-row-parallel), skipped at world size 1 as in :mod:`llama.parallel_layers`.
-
-Kernels: on the CPU, ``aten._weight_int8pack_mm`` (vectorised for bfloat16 and
-float16 activations; float32 activations are rounded to bfloat16 for it, since its
-float32 path is a slow scalar loop, so a float32 model keeps bfloat16 scales); elsewhere ``F.linear(x, Q.to(x.dtype)) * scale``,
-which ``torch.compile`` fuses (eager it materialises the dequantized weight).
+stay those of :mod:`llama.parallel_layers`, holding the int8 ``weight`` and its
+``scales`` (buffers, under the checkpoint's ``...weight`` and ``...scales`` keys); they
+keep fairscale's collectives around the int8 kernel, :func:`int8_linear` (in
+:mod:`llama.linear_kernels`, which says why a float32 model keeps bfloat16 scales).
 
 Use ``Llama.build(..., quantize="int8")``, which quantizes tensor by tensor while
 loading (:func:`load_quantized`: the float model is never held whole), or
 :func:`quantize_model` on a model already in memory.
 """
 
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
-from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
-from fairscale.nn.model_parallel.mappings import (
-    copy_to_model_parallel_region,
-    gather_from_model_parallel_region,
-    reduce_from_model_parallel_region,
-    scatter_to_model_parallel_region,
-)
 from torch import nn
 
-from .parallel_layers import ColumnParallelLinear, RowParallelLinear
+from . import linear_kernels
+from .linear_kernels import int8_linear  # noqa: F401 - public here: the kernel of the int8 layers
+from .parallel_layers import linear_layers
 
 MODES = ("int8",)
 
@@ -100,115 +91,32 @@ def quantize_weight(
     return q, scales
 
 
-def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``x @ (weight * scales[:, None]).T`` for int8 ``weight`` (out, in) and per-row ``scales``; in x's dtype."""
-    in_features = weight.shape[1]
-    if x.device.type == "cpu" and in_features % 8 == 0:  # the kernel misreads rows whose length is not a multiple of 8
-        shape = x.shape
-        x2 = x.reshape(-1, in_features)
-        if x.dtype == torch.float32:  # its float32 path is a scalar loop, ~10x slower than bfloat16
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), weight, scales.to(torch.bfloat16))
-            y = y.to(torch.float32)
-        else:
-            y = torch.ops.aten._weight_int8pack_mm(x2, weight, scales.to(x.dtype))
-        return y.view(*shape[:-1], weight.shape[0])
-    return F.linear(x, weight.to(x.dtype)) * scales.to(x.dtype)
-
-
-class Int8Linear(nn.Module):
-    """int8 weight (``weight``, out x in) and per-output-row ``scales``, as buffers (nothing to train)."""
-
-    def __init__(self, out_features: int, in_features: int, *, device=None, dtype=None) -> None:
-        super().__init__()
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.empty(out_features, dtype=dtype or torch.float32, device=device))
-        self.single_rank = get_model_parallel_world_size() == 1
-
-    def extra_repr(self) -> str:
-        return f"local weight {tuple(self.weight.shape)} int8, scales {self.scales.dtype}"
-
-
-class Int8ColumnParallelLinear(Int8Linear):
-    """:class:`~llama.parallel_layers.ColumnParallelLinear` with an int8 local shard (rows split)."""
-
-    def __init__(self, in_features: int, out_features: int, *, gather_output: bool, local_rows: int, device=None, dtype=None):
-        super().__init__(local_rows, in_features, device=device, dtype=dtype)
-        self.in_features = in_features
-        self.out_features = out_features
-        self.gather_output = gather_output
-        self.output_size_per_partition = local_rows
-
-    @classmethod
-    def like(cls, layer: ColumnParallelLinear, device=None, dtype=None) -> "Int8ColumnParallelLinear":
-        return cls(layer.in_features, layer.out_features, gather_output=layer.gather_output,
-                   local_rows=layer.output_size_per_partition, device=device, dtype=dtype)
-
-    def forward(self, input_: torch.Tensor) -> torch.Tensor:
-        if self.single_rank:
-            return int8_linear(input_, self.weight, self.scales)
-        output = int8_linear(copy_to_model_parallel_region(input_), self.weight, self.scales)
-        return gather_from_model_parallel_region(output) if self.gather_output else output
-
-
-class Int8RowParallelLinear(Int8Linear):
-    """:class:`~llama.parallel_layers.RowParallelLinear` with an int8 local shard (columns split, full rows)."""
-
-    def __init__(self, in_features: int, out_features: int, *, input_is_parallel: bool, local_cols: int, device=None, dtype=None):
-        super().__init__(out_features, local_cols, device=device, dtype=dtype)
-        self.in_features = in_features
-        self.out_features = out_features
-        self.input_is_parallel = input_is_parallel
-        self.input_size_per_partition = local_cols
-
-    @classmethod
-    def like(cls, layer: RowParallelLinear, device=None, dtype=None) -> "Int8RowParallelLinear":
-        return cls(layer.in_features, layer.out_features, input_is_parallel=layer.input_is_parallel,
-                   local_cols=layer.input_size_per_partition, device=device, dtype=dtype)
-
-    def forward(self, input_: torch.Tensor) -> torch.Tensor:
-        if self.single_rank:
-            return int8_linear(input_, self.weight, self.scales)
-        input_parallel = input_ if self.input_is_parallel else scatter_to_model_parallel_region(input_)
-        return reduce_from_model_parallel_region(int8_linear(input_parallel, self.weight, self.scales))
-
-
-def _linear_layers(model: nn.Module) -> Iterator[Tuple[nn.Module, str, nn.Module]]:
-    """(parent, attribute, layer) of every float model-parallel linear layer of ``model``."""
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, (ColumnParallelLinear, RowParallelLinear)):
-                yield module, child_name, child
-
-
-def _int8_like(layer: nn.Module, device, dtype) -> Int8Linear:
-    if isinstance(layer, ColumnParallelLinear):
-        return Int8ColumnParallelLinear.like(layer, device=device, dtype=dtype)
-    return Int8RowParallelLinear.like(layer, device=device, dtype=dtype)
-
-
 def quantize_model(model: nn.Module, mode: str = "int8") -> nn.Module:
-    """Replace every linear layer of ``model`` (in place) by its int8 version; returns ``model``.
+    """Make every float linear layer of ``model`` (in place) an int8 one; returns ``model``.
 
     Layer by layer: each float weight is released as soon as its int8 copy exists
     (unless something else still references it).
     """
     check_mode(mode)
-    for parent, name, layer in _linear_layers(model):
+    for _, layer in linear_layers(model):
+        if layer.kernel is linear_kernels.int8:
+            continue
         w = layer.weight.detach()
         if w.is_mkldnn:  # packed for the float32 CPU path (llama.packed_linear): one layer unpacked at a time
             w = w.to_dense()
         q, scales = quantize_weight(w, scale_dtype=scale_dtype_for(w.device, w.dtype))
-        new = _int8_like(layer, device="meta", dtype=scales.dtype)
-        new.weight, new.scales = q, scales
-        setattr(parent, name, new)
-        del layer, w
+        del w
+        layer.set_weight(q, scales)
     return model
 
 
 def swap_to_int8(model: nn.Module, dtype: torch.dtype) -> None:
-    """Replace the linear layers of a model built on the meta device by int8 ones, also on meta."""
-    for parent, name, layer in _linear_layers(model):
-        setattr(parent, name, _int8_like(layer, device="meta", dtype=dtype))
+    """Make the linear layers of a model built on the meta device int8 ones (scales in ``dtype``), also on meta."""
+    for _, layer in linear_layers(model):
+        rows, cols = layer.weight.shape
+        layer.set_weight(
+            torch.empty(rows, cols, dtype=torch.int8, device="meta"), torch.empty(rows, dtype=dtype, device="meta")
+        )
 
 
 def load_quantized(
@@ -240,8 +148,8 @@ def load_quantized(
 
 
 def is_quantized(model: nn.Module) -> bool:
-    """Whether any linear layer of ``model`` is an int8 layer of this module."""
-    return any(isinstance(module, Int8Linear) for module in model.modules())
+    """Whether any linear layer of ``model`` holds an int8 weight."""
+    return any(layer.kernel is linear_kernels.int8 for _, layer in linear_layers(model))
 
 
 def weight_bytes(model: nn.Module, exclude_embedding: bool = True) -> int:

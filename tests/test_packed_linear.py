@@ -49,7 +49,8 @@ def test_unpack_and_pack_again(tiny_checkpoint, tiny_tokenizer_path):
 
 def test_not_packed_where_it_does_not_apply(tiny_checkpoint, tiny_tokenizer_path):
     assert not is_packed(build(tiny_checkpoint, tiny_tokenizer_path, dtype="bfloat16").model)
-    assert not is_packed(build(tiny_checkpoint, tiny_tokenizer_path, quantize="int8").model)
+    quantized = build(tiny_checkpoint, tiny_tokenizer_path, quantize="int8").model
+    assert not is_packed(quantized) and pack_linear_weights(quantized) == 0  # int8 layers keep their kernel
     with pytest.raises(ValueError, match="float32 on the CPU"):
         build(tiny_checkpoint, tiny_tokenizer_path, dtype="bfloat16", pack_weights=True)
     with pytest.raises(ValueError, match="exclude each other"):

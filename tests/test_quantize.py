@@ -20,11 +20,12 @@ import torch.nn.functional as F
 from llama.checkpoint import random_state_dict
 from llama.generation import Llama
 from llama.model import ModelArgs, Transformer
-from llama.parallel_layers import ColumnParallelLinear, RowParallelLinear
+from llama import linear_kernels
+from llama.parallel_layers import ColumnParallelLinear, RowParallelLinear, linear_layers
 from llama.quantize import (
-    Int8ColumnParallelLinear,
-    Int8RowParallelLinear,
     int8_linear,
+    is_quantized,
+    is_quantized_key,
     quantize_model,
     quantize_weight,
     weight_bytes,
@@ -175,9 +176,12 @@ def test_int8_greedy_tokens_equal_float_until_a_near_tie(name):
 
 def test_quantize_model_swaps_every_linear_layer():
     args, float_model, int8_model = models("gqa", std=0.02)
-    assert not any(isinstance(m, (ColumnParallelLinear, RowParallelLinear)) for m in int8_model.modules())
-    assert isinstance(int8_model.output, Int8ColumnParallelLinear) and int8_model.output.gather_output
-    assert isinstance(int8_model.layers[0].attention.wo, Int8RowParallelLinear)
+    layers = [layer for _, layer in linear_layers(int8_model)]
+    assert len(layers) == 7 * args.n_layers + 1 and all(layer.kernel is linear_kernels.int8 for layer in layers)
+    assert is_quantized(int8_model) and not is_quantized(float_model)
+    assert isinstance(int8_model.output, ColumnParallelLinear) and int8_model.output.gather_output
+    assert isinstance(int8_model.layers[0].attention.wo, RowParallelLinear)
+    assert int8_model.layers[0].attention.wo.weight.dtype == torch.int8
     assert int8_model.layers[0].attention.wk.weight.shape == float_model.layers[0].attention.wk.weight.shape
     # only the embedding and the norms remain floating point parameters
     assert {n for n, _ in int8_model.named_parameters()} == {
@@ -187,13 +191,28 @@ def test_quantize_model_swaps_every_linear_layer():
     assert int8_bytes < 0.27 * float_bytes  # 1 byte instead of 4, plus scales and norms
 
 
+def test_int8_layers_keep_the_checkpoint_keys():
+    """The int8 layers are the float ones holding int8 ``weight`` and ``scales``: checkpoints load strictly."""
+    args, float_model, int8_model = models("plain", std=0.02)
+    float_keys = set(float_model.state_dict())
+    scales = {k[: -len("weight")] + "scales" for k in float_keys if is_quantized_key(k)}
+    assert len(scales) == 7 * args.n_layers + 1 and set(int8_model.state_dict()) == float_keys | scales
+    wq = float_model.layers[0].attention.wq
+    with pytest.raises(ValueError, match="scales"):
+        wq.set_weight(torch.zeros(4, 4, dtype=torch.int8))
+    with pytest.raises(ValueError, match="scales"):
+        wq.set_weight(torch.zeros(4, 4), torch.ones(4))
+    assert wq.kernel is linear_kernels.dense
+
+
 def test_build_quantize_int8(tiny_checkpoint, tiny_tokenizer_path):
     kwargs = dict(max_seq_len=64, max_batch_size=2, device="cpu", dtype="float32")
     quantized = Llama.build(str(tiny_checkpoint), str(tiny_tokenizer_path), quantize="int8", **kwargs)
     reference = Llama.build(str(tiny_checkpoint), str(tiny_tokenizer_path), **kwargs)
     model = quantized.model
-    assert isinstance(model.layers[1].feed_forward.w2, Int8RowParallelLinear)
-    assert model.layers[1].feed_forward.w2.weight.dtype == torch.int8
+    w2 = model.layers[1].feed_forward.w2
+    assert isinstance(w2, RowParallelLinear) and w2.kernel is linear_kernels.int8
+    assert w2.weight.dtype == torch.int8 and w2.scales.dtype == torch.bfloat16  # bfloat16: float32 on the CPU
     assert not any(p.requires_grad for p in model.parameters())
     tokens = torch.randint(3, model.params.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     # quantizing while loading gives exactly what quantizing the loaded float model gives

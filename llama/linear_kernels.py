@@ -1,0 +1,112 @@
+"""The kernels of the model-parallel linear layers: ``x @ W.T`` on one rank's local weight.
+
+A layer of :mod:`llama.parallel_layers` holds its weight in one of three layouts, and
+:func:`kernel_for` picks the kernel that reads it:
+
+- :func:`dense`: a float tensor, ``F.linear``;
+- :func:`packed`: a float32 weight reordered into oneDNN's blocked layout
+  (:mod:`llama.packed_linear` says why), oneDNN's inner product;
+- :func:`int8`: int8 ``weight`` with one float scale per output row in ``scales``
+  (:mod:`llama.quantize`), :func:`int8_linear`.
+
+Each kernel is called as ``kernel(x, layer)``; the layer does the model-parallel
+communication around it. This module imports nothing else of the package, so the
+layers, packing and quantization all depend on it and not on each other.
+"""
+
+import weakref
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Kernel = Callable[[torch.Tensor, nn.Module], torch.Tensor]
+
+
+def dense(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """``x @ layer.weight.T`` for a dense float weight."""
+    return F.linear(x, layer.weight)
+
+
+# ----------------------------------------------------------------------------- oneDNN-packed float32
+
+# Under ``torch.compile`` a packed weight cannot be traced (it has no storage), so each
+# packed layer also gets an integer handle and the traced graph calls the custom operator
+# ``llama::packed_linear(x, handle, out_features)``, which looks the weight up. Inductor
+# fuses everything around these calls (norms, RoPE, attention glue, SiLU) and removes
+# the per-operator overhead of eager mode; the products stay on oneDNN. Inductor's own
+# frozen float32 linears use MKL's packed ``sgemm``, the slower kernel (see llama.packed_linear).
+
+# handle -> packed weight, for the custom operator (weak: a dropped model frees its weights)
+_PACKED: List[Callable[[], Optional[torch.Tensor]]] = []
+
+
+def register_packed(weight: torch.Tensor) -> int:
+    """The handle under which :func:`packed_linear` finds ``weight``."""
+    _PACKED.append(weakref.ref(weight))
+    return len(_PACKED) - 1
+
+
+def _pointwise(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+@torch.library.custom_op("llama::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    """``x @ W.T`` for the packed weight ``W`` registered under ``handle`` (for compiled graphs)."""
+    weight = _PACKED[handle]()
+    if weight is None:
+        raise RuntimeError("the packed weight of this compiled graph was freed with its model")
+    return _pointwise(x, weight)
+
+
+@packed_linear.register_fake
+def _packed_linear_shape(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def packed(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """``x @ layer.weight.T`` for a oneDNN-packed weight (handle in ``layer.packed_handle``)."""
+    if torch.compiler.is_compiling():  # never touch the untraceable weight while tracing
+        return packed_linear(x, layer.packed_handle, layer.packed_out_features)
+    return _pointwise(x, layer.weight)
+
+
+# ----------------------------------------------------------------------------- int8 weight-only
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x @ (weight * scales[:, None]).T`` for int8 ``weight`` (out, in) and per-row ``scales``; in x's dtype.
+
+    On the CPU, ``aten._weight_int8pack_mm`` (vectorised for bfloat16 and float16
+    activations; float32 activations are rounded to bfloat16 for it, since its float32
+    path is a slow scalar loop, so a float32 model keeps bfloat16 scales); elsewhere
+    ``F.linear(x, Q.to(x.dtype)) * scale``, which ``torch.compile`` fuses (eager it
+    materialises the dequantized weight).
+    """
+    in_features = weight.shape[1]
+    if x.device.type == "cpu" and in_features % 8 == 0:  # the kernel misreads rows whose length is not a multiple of 8
+        shape = x.shape
+        x2 = x.reshape(-1, in_features)
+        if x.dtype == torch.float32:  # its float32 path is a scalar loop, ~10x slower than bfloat16
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), weight, scales.to(torch.bfloat16))
+            y = y.to(torch.float32)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2, weight, scales.to(x.dtype))
+        return y.view(*shape[:-1], weight.shape[0])
+    return F.linear(x, weight.to(x.dtype)) * scales.to(x.dtype)
+
+
+def int8(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """``x @ W.T`` for an int8 ``layer.weight`` with per-output-row ``layer.scales``."""
+    return int8_linear(x, layer.weight, layer.scales)
+
+
+def kernel_for(weight: torch.Tensor) -> Kernel:
+    """The kernel for a weight in this layout (int8 means int8 with scales)."""
+    if weight.is_mkldnn:
+        return packed
+    if weight.dtype == torch.int8:
+        return int8
+    return dense
