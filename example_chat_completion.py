@@ -16,7 +16,7 @@ from llama import Dialog, Llama
 from llama.chat_repl import run_chat
 from llama.cli import print_events, resolve_model, stream_flag
 from llama.distributed import report_rank_failures
-from llama.safety import checkers_from_specs
+from llama.guard import checkers_from_specs
 from llama.streaming import StreamEvent, in_order
 
 

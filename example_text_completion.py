@@ -14,7 +14,7 @@ import fire
 from llama import Llama
 from llama.cli import print_events, resolve_model, stream_flag
 from llama.distributed import report_rank_failures
-from llama.safety import checkers_from_specs
+from llama.guard import checkers_from_specs
 from llama.streaming import StreamEvent, in_order
 
 

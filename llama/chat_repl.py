@@ -10,8 +10,6 @@ other ranks (every rank runs the same generation), and only rank 0 prints.
 import sys
 from typing import IO, Iterator, List, Optional
 
-import torch
-
 from . import distributed
 from .chat_format import UNSAFE_ERROR, Dialog, Message, encode_dialog, has_special_tags
 
@@ -127,15 +125,6 @@ class ChatSession:
         ]
 
 
-def _share(line: Optional[str]) -> Optional[str]:
-    """Rank 0's ``line`` on every rank (``None`` = end of input)."""
-    if distributed.world_size() == 1:
-        return line
-    box = [line]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _read_line(stdin: IO[str], stdout: IO[str], prompt: str, echo: bool) -> Optional[str]:
     """One line of input without its newline, or None at end of input (Ctrl-D, Ctrl-C)."""
     try:
@@ -193,7 +182,9 @@ def run_chat(
     if session.system:
         say(f"System: {session.system}")
     while True:
-        line = _share(_read_line(stdin, stdout, "\nUser: ", echo) if main else None)
+        # Rank 0's line (None: end of input) on every rank. The others wait for it as long as
+        # the user takes: a plain broadcast would fail after LLAMA_DIST_TIMEOUT.
+        line = distributed.wait_for_rank0(_read_line(stdin, stdout, "\nUser: ", echo) if main else None)
         if line is None:
             break
         command = line.strip()

@@ -19,7 +19,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from llama import Llama, distributed  # noqa: E402
-from llama.safety import LlamaGuardChecker  # noqa: E402
+from llama.guard import LlamaGuardChecker  # noqa: E402
 
 
 def main(spec_path: str) -> None:

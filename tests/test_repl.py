@@ -5,6 +5,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -109,14 +111,18 @@ def test_quit_eof_and_commands(llama):
     assert session.history == [] and "Assistant: " not in out
 
 
+def script_command(args, tiny_checkpoint, tiny_tokenizer_path, launcher=(sys.executable,)):
+    """The interactive example script's command line, and the environment to run it in."""
+    cmd = [*launcher, "example_chat_completion.py", "--interactive", "--ckpt_dir", str(tiny_checkpoint),
+           "--tokenizer_path", str(tiny_tokenizer_path), "--max_seq_len", str(MAX_SEQ_LEN), "--max_gen_len", "8",
+           "--temperature", "0", *args]
+    return cmd, {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
 def run_script(args, lines, tiny_checkpoint, tiny_tokenizer_path, launcher=(sys.executable,)):
-    proc = subprocess.run(
-        [*launcher, "example_chat_completion.py", "--interactive", "--ckpt_dir", str(tiny_checkpoint),
-         "--tokenizer_path", str(tiny_tokenizer_path), "--max_seq_len", str(MAX_SEQ_LEN), "--max_gen_len", "8",
-         "--temperature", "0", *args],
-        input="".join(line + "\n" for line in lines), cwd=REPO, capture_output=True, text=True, timeout=180,
-        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
-    )
+    cmd, env = script_command(args, tiny_checkpoint, tiny_tokenizer_path, launcher)
+    proc = subprocess.run(cmd, input="".join(line + "\n" for line in lines), cwd=REPO, capture_output=True,
+                          text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.split("\n", 1)[1]  # after "Loaded in ... seconds"
 
@@ -140,3 +146,45 @@ def test_script_interactive_under_torchrun_matches_one_process(script_output, ti
     torchrun = ("torchrun", "--standalone", "--nproc_per_node", "2")  # model parallel: 2 ranks, rank 0 reads
     out = run_script(["--system", "Be brief."], LINES, tiny_checkpoint, tiny_tokenizer_path, launcher=torchrun)
     assert out == script_output
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
+def test_torchrun_chat_waits_for_a_user_slower_than_the_collective_timeout(
+    script_output, tiny_checkpoint, tiny_tokenizer_path, tmp_path
+):
+    """Ranks 1+ wait for rank 0's next line as long as the user takes, not LLAMA_DIST_TIMEOUT."""
+    timeout_s, pause_s = 3, 6
+    torchrun = ("torchrun", "--standalone", "--nproc_per_node", "2")
+    cmd, env = script_command(["--system", "Be brief."], tiny_checkpoint, tiny_tokenizer_path, launcher=torchrun)
+    env["LLAMA_DIST_TIMEOUT"] = str(timeout_s)
+    stderr = tmp_path / "stderr.txt"
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, cwd=REPO, env=env)
+    try:
+        chunks = []
+        reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stdout.read1(4096), b"")))
+        reader.start()
+        proc.stdin.write(f"{LINES[0]}\n".encode())
+        proc.stdin.flush()
+        deadline = time.monotonic() + 120
+        # The first reply is complete when the second prompt shows: then every rank waits for the next line.
+        while b"".join(chunks).count(b"\nUser: ") < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, (b"".join(chunks), stderr.read_text())
+            time.sleep(0.1)
+        time.sleep(pause_s)  # an idle user: longer than the timeout of the default process group
+        try:
+            proc.stdin.write(f"{LINES[1]}\n".encode())
+            proc.stdin.close()  # end of input: the chat ends
+        except BrokenPipeError:
+            pass  # the job already failed: its exit status and stderr tell why
+        returncode = proc.wait(timeout=120)
+        reader.join(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = b"".join(chunks).decode().split("\n", 1)[1]  # after "Loaded in ... seconds"
+    assert returncode == 0, stderr.read_text()[-3000:]
+    assert out.count("Assistant: ") == 2
+    # The same two exchanges as the one-process run of LINES (which goes on with /reset ...).
+    assert out.split("\nUser: ")[:3] == script_output.split("\nUser: ")[:3]

@@ -32,19 +32,21 @@ from helpers import TRAINING_TEXT
 from llama import Llama
 from llama.checkpoint import InMemoryState, random_state_dict, save_checkpoint
 from llama.demo import train_tokenizer
+from llama.guard import (
+    LlamaGuardChecker,
+    SafetyCategory,
+    checkers_from_specs,
+    format_llama_guard_prompt,
+    parse_llama_guard_output,
+)
 from llama.model import ModelArgs, Transformer
 from llama.safety import (
     SAFETY_REFUSAL,
     SAFETY_WITHDRAWN,
     KeywordChecker,
-    LlamaGuardChecker,
-    SafetyCategory,
     SafetyNotice,
     SafetyResult,
-    checkers_from_specs,
-    format_llama_guard_prompt,
     format_reports,
-    parse_llama_guard_output,
     run_checks,
 )
 from llama.tokenizer import Tokenizer
@@ -768,15 +770,15 @@ def test_guard_at_model_parallel_2(guard, tiny_checkpoint, tiny_tokenizer_path, 
 
 @pytest.fixture
 def decoded(main_llama, monkeypatch):
-    """The prompts (decoded) that reach the main model's decode loop (streams bypass generate)."""
+    """The prompts (decoded) that reach the main model's engine (streams bypass generate)."""
     seen = []
-    decode = main_llama._decode
+    add = main_llama.engine.add_request
 
     def spy(prompt_tokens, *args, **kwargs):
-        seen.extend(main_llama.tokenizer.decode(t) for t in prompt_tokens)
-        return decode(prompt_tokens, *args, **kwargs)
+        seen.append(main_llama.tokenizer.decode(list(prompt_tokens)))
+        return add(prompt_tokens, *args, **kwargs)
 
-    monkeypatch.setattr(main_llama, "_decode", spy)
+    monkeypatch.setattr(main_llama.engine, "add_request", spy)
     return seen
 
 
