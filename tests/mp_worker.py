@@ -6,8 +6,9 @@
 For each ``--case NAME=DIR`` it builds ``Llama`` from DIR on all ranks and writes, from rank 0:
 
 * ``OUT_DIR/NAME.logits.pt``: float32 logits of a fixed token batch;
-* ``OUT_DIR/NAME.json``: greedy and seeded top-p generations of fixed prompts, the world
-  size, the checkpoint's shard count and the model's local weight shapes.
+* ``OUT_DIR/NAME.json``: greedy and seeded top-p generations of fixed prompts, the same
+  served by ``Engine.run_loop`` with requests added on rank 0 only, the world size, the
+  checkpoint's shard count and the model's local weight shapes.
 
 ``--compile`` builds with ``compile=True``, so the generations use the compiled decode step.
 
@@ -36,6 +37,7 @@ if str(REPO) not in sys.path:
 
 from llama import Llama  # noqa: E402
 from llama import distributed  # noqa: E402
+from llama.engine import SamplingParams  # noqa: E402
 
 MAX_SEQ_LEN = 64
 MAX_BATCH_SIZE = 4
@@ -62,6 +64,7 @@ def run_case(
     greedy, _ = llama.generate(prompt_tokens, MAX_GEN_LEN, temperature=0.0)
     sampled, _ = llama.generate(prompt_tokens, MAX_GEN_LEN, temperature=1.0, top_p=0.9)
     record = {
+        "served": serve(llama),
         "world": distributed.model_parallel_world_size(),
         "shards": len(list(Path(ckpt_dir).glob("consolidated.*.pth"))),
         "greedy": greedy,
@@ -72,6 +75,26 @@ def run_case(
         torch.save(logits, out / f"{name}.logits.pt")
         (out / f"{name}.json").write_text(json.dumps(record))
     return record
+
+
+def serve(llama: Llama) -> list:
+    """Generations served by ``Engine.run_loop``: only rank 0 adds requests (more than there
+    are slots, one of them while the others run); every rank steps the engine with it."""
+    engine = llama.engine
+    requests: list = []
+    if distributed.global_rank() == 0:
+        prompts = [llama.tokenizer.encode(p * (1 + i % 3), bos=True, eos=False) for i, p in enumerate(PROMPTS * 2)]
+        for i, prompt in enumerate(prompts):
+            params = SamplingParams(temperature=0.0 if i % 2 else 1.0, max_gen_len=MAX_GEN_LEN, seed=100 + i)
+            requests.append(engine.add_request(prompt, params))
+
+    def join_late(outputs) -> None:
+        if len(requests) == 2 * len(PROMPTS):
+            late = llama.tokenizer.encode(PROMPTS[0], bos=True, eos=False)
+            requests.append(engine.add_request(late, SamplingParams(temperature=1.0, max_gen_len=8, seed=9)))
+
+    engine.run_loop(lambda: len(requests) > 2 * len(PROMPTS) and all(r.finished for r in requests), join_late)
+    return [r.output_tokens for r in requests]
 
 
 def check_disagreement(ckpt_dir: str, tokenizer: str, out: Path) -> None:

@@ -6,6 +6,7 @@ import gc
 import weakref
 
 import pytest
+import torch
 from torch._dynamo.utils import counters
 
 from llama import Llama
@@ -59,3 +60,24 @@ def test_compiled_models_are_freed_and_do_not_share_a_recompile_limit(tiny_check
         gc.collect()
     assert out[0]["generation"]
     assert all(ref() is None for ref in refs)
+
+
+def test_compiled_step_never_recompiles_for_new_lengths(tiny_checkpoint, tiny_tokenizer_path):
+    # Positions are a tensor and the token input a fresh (bsz, 1) tensor: after the warm-up,
+    # no prompt or generation length (nor a row count below a compiled size) compiles again.
+    import torch._dynamo
+
+    kwargs = dict(max_seq_len=96, max_batch_size=2, device="cpu")
+    eager = Llama.build(str(tiny_checkpoint), str(tiny_tokenizer_path), **kwargs)
+    compiled = Llama.build(str(tiny_checkpoint), str(tiny_tokenizer_path), compile=True, **kwargs)
+    compiled.compile(warmup_batch_sizes=(2,))
+    vocab = compiled.model.vocab_size
+    prompts = [[1] + [(7 * i + 3 * j) % (vocab - 3) + 3 for j in range(i)] for i in range(50)]  # 50 lengths
+    graphs = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got, _ = compiled.generate(prompts, max_gen_len=12, temperature=0)
+        for n, prompt in enumerate(prompts[:5]):  # one row at a time too, each with its own length
+            assert compiled.generate([prompt], max_gen_len=3 + n, temperature=0)[0][0] == got[n][: 3 + n]
+    assert counters["stats"]["unique_graphs"] == graphs
+    want, _ = eager.generate(prompts, max_gen_len=12, temperature=0)
+    assert got == want

@@ -215,6 +215,7 @@ def test_logits_and_generations_match_mp1(world, case, mp2, mp4, reference):
         assert diff <= TOLERANCE, (name, diff)
         assert got["greedy"] == want["greedy"], name
         assert got["sampled"] == want["sampled"], name
+        assert got["served"] == want["served"] and len(want["served"]) == 7, name
 
 
 def test_compiled_decode_at_mp2_matches_mp1(ckpts, tiny_tokenizer_path, tmp_path, reference):
