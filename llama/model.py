@@ -217,10 +217,14 @@ class DecodeRows(NamedTuple):
     """One new token for each of cache rows ``0..bsz-1``, row ``i`` at ``positions[i]``.
 
     ``mask`` (bsz, 1, 1, kv_len): the cached positions each row attends to (``<= positions[i]``).
+    ``same_position``: when every row is at this one position (eager only), the write is
+    a slice and attention needs no mask: the common case costs what it did before rows
+    had positions of their own.
     """
 
     positions: torch.Tensor
-    mask: torch.Tensor
+    mask: Optional[torch.Tensor]
+    same_position: Optional[int] = None
 
 
 class Attention(nn.Module):
@@ -288,7 +292,14 @@ class Attention(nn.Module):
         xq = apply_rotary_emb(xq, cos, sin)
         xk = apply_rotary_emb(xk, cos, sin)
 
-        if isinstance(batch, DecodeRows):
+        if isinstance(batch, DecodeRows) and batch.same_position is not None:
+            pos = batch.same_position
+            # (bsz, 1, kv_heads, head_dim) -> (bsz, kv_heads, 1, head_dim)
+            cache.cache_k[:bsz, :, pos : pos + 1] = xk.transpose(1, 2)
+            cache.cache_v[:bsz, :, pos : pos + 1] = xv.transpose(1, 2)
+            keys, values = cache.cache_k[:bsz, :, : pos + 1], cache.cache_v[:bsz, :, : pos + 1]
+            output = self._attend(xq.transpose(1, 2), keys, values, None)
+        elif isinstance(batch, DecodeRows):
             # Write each row's new key and value at its own position, into the full buffers
             # (a write into a view of them is copied out and back under torch.compile).
             rows = torch.arange(bsz, device=x.device)
@@ -433,7 +444,9 @@ class Transformer(nn.Module):
             h = h[logit_index]
         return self.output(h).float()
 
-    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: Optional[int] = None) -> torch.Tensor:
+    def decode_step(
+        self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: Optional[int] = None, same_position: Optional[int] = None
+    ) -> torch.Tensor:
         """Logits (bsz, vocab_size), float32, for one new token per cache row ``0..bsz-1``.
 
         tokens: (bsz, 1); positions: (bsz,) long, row ``i``'s token goes to position
@@ -441,13 +454,18 @@ class Transformer(nn.Module):
         ``kv_len``: attend over the first ``kv_len`` cache positions (at least
         ``max(positions) + 1``); default all of them. With the default, every shape is
         independent of the positions, so one compiled version (CUDA graphs included)
-        serves every step of every generation.
+        serves every step of every generation. ``same_position``: the one position of every
+        row, when the caller knows them all equal (eager: a slice write, no mask).
         """
         cache = self._check_cache()
-        kv_len = cache.max_seq_len if kv_len is None else kv_len
-        # (bsz, kv_len) -> (bsz, 1, 1, kv_len): broadcast over heads and queries
-        mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
-        h = self._run_layers(self.tok_embeddings(tokens), positions[:, None], DecodeRows(positions, mask))
+        if same_position is not None:
+            batch = DecodeRows(positions, None, same_position)
+        else:
+            kv_len = cache.max_seq_len if kv_len is None else kv_len
+            # (bsz, kv_len) -> (bsz, 1, 1, kv_len): broadcast over heads and queries
+            mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+            batch = DecodeRows(positions, mask)
+        h = self._run_layers(self.tok_embeddings(tokens), positions[:, None], batch)
         return self.output(h)[:, -1].float()
 
     @torch.inference_mode()

@@ -149,6 +149,9 @@ class ModelRunner:
         t = torch.tensor(padded, dtype=torch.long)[:, None].to(self.device, non_blocking=True)  # (size, 1)
         pos = torch.tensor(positions[:size], dtype=torch.long).to(self.device, non_blocking=True)
         if self._decode_step is None:
+            first = positions[0]
+            if all(p == first for p in positions[:size]):  # the common case: a slice write, no mask
+                return self.model.decode_step(t, pos, same_position=first)
             return self.model.decode_step(t, pos, kv_len=max(positions[:size]) + 1)
         if size not in self.compiled_batch_sizes:
             self.compiled_batch_sizes.append(size)
