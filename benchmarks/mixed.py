@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

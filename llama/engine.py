@@ -159,6 +159,7 @@ class Request:
         self.finish_reason: Optional[str] = None
         self.collect = False  # keep outputs in .outputs (for callers that poll rather than get a callback)
         self.outputs: Deque[RequestOutput] = collections.deque()
+        self.order = -1  # place in the engine's arrival order (the same on every rank)
         self.arrival_time = time.monotonic()
         self.first_token_time: Optional[float] = None
         self.finish_time: Optional[float] = None
@@ -187,7 +188,7 @@ class Request:
         return None if self.logprobs is None else self.logprobs[: self.kept_tokens()]
 
     def _reportable(self) -> int:
-        if self.finished:
+        if self.finished and self.finish_reason != "abort":  # an aborted request's held-back text is dropped
             return self.kept_tokens()
         return self.stream.emitted_tokens() if self.stream is not None else len(self.output_tokens)
 
@@ -253,6 +254,7 @@ class Engine:
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._ids = itertools.count()
+        self._arrivals = itertools.count()  # order of arrival: scheduling never reads a clock
         self.counters = collections.Counter()  # steps, prompt/generated tokens, requests by finish reason
 
     # -- requests -------------------------------------------------------------------------
@@ -357,6 +359,7 @@ class Engine:
                 with self._lock:
                     request = self._created.pop(arg[0], None)
                 request = request if request is not None else self._make_request(arg)
+                request.order = next(self._arrivals)
                 self.requests[request.request_id] = request
                 self.waiting.append(request)
             elif kind == "abort":
@@ -380,7 +383,7 @@ class Engine:
         pending = [r for r in self.slots if r is not None and r.num_cached < len(r.prompt_tokens)]
         if not pending:
             return
-        pending.sort(key=lambda r: r.arrival_time)
+        pending.sort(key=lambda r: r.order)  # first come, first prefilled
         decoding = any(r is not None and r.decoding for r in self.slots)
         budget = self.prefill_chunk_tokens if decoding else self.max_prefill_tokens
         tokens: List[int] = []

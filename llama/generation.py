@@ -15,7 +15,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import distributed, packed_linear, safety
+from . import distributed, kernel_choice, safety
 from .chat_format import (  # noqa: F401 - re-exported: upstream defines these here
     B_INST,
     B_SYS,
@@ -36,7 +36,7 @@ from .checkpoint import load_into, open_checkpoint, verify_checkpoint
 from .engine import Engine, Request, SamplingParams
 from .model import ModelArgs, Transformer
 from .runner import ModelRunner
-from .sampling import check_sampling_args, next_tokens, sample_top_p  # noqa: F401
+from .sampling import check_sampling_args, sample_top_p  # noqa: F401 - upstream defines sample_top_p here
 from .streaming import StreamEvent, normalize_stop
 from .tokenizer import Tokenizer
 
@@ -59,6 +59,7 @@ class Llama:
         verify: bool = False,
         quantize: Optional[str] = None,
         pack_weights: Optional[bool] = None,
+        kernels: Optional[str] = None,
     ) -> "Llama":
         """Load a checkpoint directory and tokenizer, ready to generate.
 
@@ -87,11 +88,20 @@ class Llama:
                 (every rank reads every file once more; a ValueError names the files that fail).
             quantize: ``"int8"``: weight-only int8 linear layers (per output row scales),
                 quantized tensor by tensor while loading; see :mod:`llama.quantize`.
-            pack_weights: hold the linear layers' weights in oneDNN's packed layout, the
-                faster eager path for float32 on the CPU (see :mod:`llama.packed_linear`).
-                Default: on where supported, unless ``quantize`` or ``compile`` is given.
-                With ``compile`` too, the compiled step keeps calling oneDNN on these
-                weights: one copy of the weights, slower decoding than compile's default.
+            pack_weights: ``True``: hold the linear layers' weights in oneDNN's packed layout
+                (see :mod:`llama.packed_linear`), i.e. ``kernels="packed"``; ``False``:
+                ``kernels="dense"``. With ``compile`` too, the compiled step keeps calling
+                oneDNN on packed weights: one copy of the weights, slower decoding than
+                compile's default.
+            kernels: the linear layers' kernels, overriding the measured choice:
+                ``"dense"`` or ``"packed"`` for float weights, ``"int8"`` or ``"int8-fp32"``
+                (float32 activations) for ``quantize="int8"``, comma-separated, or ``"auto"``.
+                Default (``None``): ``$LLAMA_KERNELS`` if set, else ``"auto"``: on the CPU,
+                each shape gets the kernel measured fastest on this machine at decode batch
+                sizes 1 and 8 (timed once on random weights, a few seconds, then cached in
+                ``~/.cache/llama/kernels.json`` per CPU and torch version; see
+                :mod:`llama.kernel_choice` and ``python -m llama.doctor``). ``compile=True``
+                keeps dense weights (its CPU step autotunes its own kernels); CUDA runs dense.
         """
         start_time = time.time()
         device = distributed.select_device(device)
@@ -102,13 +112,10 @@ class Llama:
             (max_seq_len, max_batch_size, seed, str(dtype), world), "max_seq_len, max_batch_size, seed, dtype"
         )
 
-        supported = packed_linear.packing_supported(device, dtype)
-        # compile=True on the CPU keeps dense weights by default: the compiled step packs its own copy.
-        pack = supported and quantize is None and not compile if pack_weights is None else bool(pack_weights)
-        if pack and not supported:
-            raise ValueError(f"pack_weights=True needs float32 on the CPU (here: {dtype} on {device})")
-        if pack and quantize is not None:
-            raise ValueError("pack_weights=True and quantize= exclude each other: int8 layers have their own kernels")
+        # Linear kernels: measured on this machine per shape (llama.kernel_choice), unless overridden.
+        override = kernel_choice.check_override(kernels, pack_weights, device, dtype, quantize)
+        if device.type == "cpu":
+            kernel_choice.settle_threads()
 
         def load() -> Tuple[Transformer, Tokenizer]:
             if verify:
@@ -127,19 +134,22 @@ class Llama:
                 )
             params.check_model_parallel_size(world)
             model = Transformer(params, device="meta", dtype=dtype)
+            # timed (if not cached) before the weights take memory; compile=True: the compiled step picks its own
+            plan = kernel_choice.plan_for(model, device, dtype, override, quantized=quantize is not None, compile=compile)
             if quantize is None:
                 load_into(model, checkpoint, rank, world, device, dtype)
             else:
                 from .quantize import load_quantized
 
                 load_quantized(model, checkpoint, rank, world, device, dtype, quantize)
-            if pack:  # before close(): the mapped pages each packed weight read are released
-                packed_linear.pack_linear_weights(model, on_packed=checkpoint.release)
+            # before close(): the mapped pages each packed weight read are released
+            kernel_choice.apply(model, plan, on_packed=checkpoint.release)
             checkpoint.close()
             model.allocate_buffers(device, dtype)
             return model, tokenizer
 
         model, tokenizer = distributed.run_on_all_ranks(load, "loading the checkpoint")
+        kernel_choice.apply(model, kernel_choice.agree(model))  # every rank runs rank 0's kernels
         if distributed.is_main_process():
             print(f"Loaded in {time.time() - start_time:.2f} seconds")
         llama = Llama(model, tokenizer, seed=seed, max_batch_size=max_batch_size, max_seq_len=max_seq_len)

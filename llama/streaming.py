@@ -22,7 +22,7 @@ per-token strings):
 """
 
 import bisect
-from typing import Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Iterable, Iterator, List, NamedTuple, Sequence, Tuple, Union
 
 REPLACEMENT_CHAR = "\ufffd"
 MAX_PENDING = 8  # most tokens held back at once (a run of invalid byte pieces)
@@ -287,96 +287,3 @@ def in_order(events: Iterable[StreamEvent]) -> Iterator[StreamEvent]:
                 finished = queued.done
     for index in sorted(buffered):  # only if the input skipped an index
         yield from buffered[index]
-
-
-class GeneratedText(NamedTuple):
-    """One row's result from ``stream_rows``: the generated text (cut before any stop
-    string), the token ids reported with it (prompt too with ``echo``; after a stop
-    string only those whose text precedes it) and their log-probabilities."""
-
-    text: str
-    tokens: List[int]
-    logprobs: Optional[List[float]]
-
-
-def stream_rows(
-    states: Iterable,
-    tokenizer,
-    prompt_tokens: Sequence[Sequence[int]],
-    max_gen_len: int,
-    stop: Sequence[str] = (),
-    echo: bool = False,
-    results: Optional[List[GeneratedText]] = None,
-) -> Iterator[StreamEvent]:
-    """Turn a batch being decoded into text events, ending rows on stop strings.
-
-    Args:
-        states: the ``DecodeState`` yielded by ``Llama._decode`` after each position
-            (its ``tokens``, ``cur_pos``, ``token_logprobs`` and ``stopped`` are used;
-            a row that ends here, e.g. on a stop string or at ``max_gen_len``, is
-            marked ``state.stopped[i] = True`` so that the loop stops decoding it).
-        tokenizer: the ``llama.Tokenizer`` of the model.
-        prompt_tokens: the batch's prompts.
-        max_gen_len: most tokens generated per row.
-        stop: validated stop strings; a row's text ends just before the first.
-        echo: the text continues the prompt (keeps its first piece's leading space)
-            and ``results`` report the prompt's tokens too.
-        results: if given, one ``GeneratedText`` per row is appended when the batch ends.
-
-    Yields a ``StreamEvent`` whenever a row has new text, and one with ``done=True``
-    when it ends (at EOS, a stop string, ``max_gen_len`` or the end of the context).
-    """
-    eos_id = tokenizer.eos_id
-    bsz = len(prompt_tokens)
-    streams = [TextStream(tokenizer, stop, p if echo else ()) for p in prompt_tokens]
-    next_pos = [len(p) for p in prompt_tokens]  # next position of each row to read
-    done = [False] * bsz
-    texts: List[List[str]] = [[] for _ in range(bsz)]
-    state = None
-    for state in states:
-        live = [i for i in range(bsz) if not done[i]]
-        if not live:
-            continue
-        lo = min(next_pos[i] for i in live)
-        window = state.tokens[:, lo : state.cur_pos + 1].tolist() if state.cur_pos >= lo else None
-        for i in live:
-            stream, out = streams[i], []
-            while not done[i]:
-                if len(stream.detokenizer.tokens) >= max_gen_len:
-                    out.append(stream.finish())
-                    done[i] = True
-                elif next_pos[i] > state.cur_pos:
-                    break
-                else:
-                    token = window[i][next_pos[i] - lo]
-                    next_pos[i] += 1
-                    if token == eos_id:
-                        out.append(stream.finish())
-                        done[i] = True
-                        continue
-                    out.append(stream.add(token))
-                    if stream.stopped:
-                        done[i] = True
-            if done[i]:  # ended here, for whatever reason: the decode loop need not run it any further
-                state.stopped[i] = True
-            text = "".join(out)
-            if text:
-                texts[i].append(text)
-            if text or done[i]:
-                yield StreamEvent(i, text, done[i])
-    for i in range(bsz):
-        if not done[i]:  # the context is full
-            text = streams[i].finish()
-            texts[i].append(text)
-            done[i] = True
-            yield StreamEvent(i, text, True)
-    if results is None or state is None:
-        return
-    all_logprobs = state.token_logprobs.tolist() if state.token_logprobs is not None else None
-    for i, prompt in enumerate(prompt_tokens):
-        kept = streams[i].kept_tokens()
-        generated = streams[i].detokenizer.tokens[:kept]
-        start = 0 if echo else len(prompt)
-        probs = all_logprobs[i][start : len(prompt) + kept] if all_logprobs is not None else None
-        tokens = list(prompt) + generated if echo else generated
-        results.append(GeneratedText("".join(texts[i]), tokens, probs))
