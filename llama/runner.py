@@ -128,11 +128,15 @@ class ModelRunner:
 
     def step_batch_size(self, n: int) -> int:
         """The batch size a decode of cache rows ``0..n-1`` runs at: ``n`` eager; compiled,
-        the smallest compiled size that fits (compiling ``n`` itself on first use when none does)."""
+        the smallest compiled size that fits, else the next power of two (at most
+        ``max_batch_size``), compiled on first use: as rows come and go, at most a few
+        graphs (and, on the CPU, copies of the packed weights) are ever made."""
         if self._decode_step is None:
             return n
         fits = [size for size in self.compiled_batch_sizes if size >= n]
-        return min(fits) if fits else n
+        if fits:
+            return min(fits)
+        return min(self.max_batch_size, 1 << (n - 1).bit_length())
 
     @torch.inference_mode()
     def decode(self, tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
