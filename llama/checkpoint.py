@@ -21,6 +21,7 @@ every source page touched.
 
 import ctypes
 import json
+import math
 import mmap
 import os
 import pickle
@@ -28,11 +29,11 @@ import sys
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from . import hf
+from . import hf, progress
 from .model import ModelArgs
 
 HF_INDEX = "model.safetensors.index.json"
@@ -588,6 +589,11 @@ def to_target(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torc
     return t.to(device=device, dtype=dtype).contiguous()
 
 
+def rank_bytes(args: ModelArgs, rank: int, world: int, itemsize: Callable[[str], float]) -> int:
+    """Bytes of this rank's weights once loaded, at ``itemsize(key)`` bytes per element (for progress)."""
+    return int(sum(math.prod(local_shape(key, args, rank, world)) * itemsize(key) for key in expected_keys(args)))
+
+
 def load_into(model: torch.nn.Module, source, rank: int, world: int, device: torch.device, dtype: torch.dtype) -> None:
     """Fill ``model`` (built on the meta device) with its slice of ``source``, tensor by tensor.
 
@@ -595,10 +601,12 @@ def load_into(model: torch.nn.Module, source, rank: int, world: int, device: tor
     time only one source tensor's pages are resident beside the converted weights.
     """
     state = {}
-    for key, t in source.state_dict_for_rank(rank, world):
-        state[key] = to_target(t, device, dtype)
-        del t  # a merged or permuted source slice is freed before the next one is read
-        source.release(key, keep=state[key])
+    with progress.for_loading(source, rank_bytes(source.args, rank, world, lambda key: dtype.itemsize)) as shown:
+        for key, t in source.state_dict_for_rank(rank, world):
+            state[key] = to_target(t, device, dtype)
+            del t  # a merged or permuted source slice is freed before the next one is read
+            source.release(key, keep=state[key])
+            shown.update(state[key].nbytes)
     model.load_state_dict(state, strict=True, assign=True)
     for p in model.parameters():
         p.requires_grad_(False)

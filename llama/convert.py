@@ -37,10 +37,12 @@ from .checkpoint import (
     HF_SINGLE,
     expected_keys,
     global_shape,
+    local_shape,
     open_checkpoint,
     read_params,
     save_checkpoint,
 )
+from .progress import Progress
 from .verify import write_checklist
 
 DEFAULT_MAX_SHARD_SIZE = 2 * 10**9  # bytes per safetensors file before splitting
@@ -182,16 +184,22 @@ def convert_to_hf(
             dst / f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))
         ]
         weight_map, total = {}, 0
-        for path, group in zip(files, groups):
+        with Progress(f"converting {src.name} to hf", sum(n for _, n in sizes), len(files), "files") as progress:
+            for path, group in zip(files, groups):
 
-            def produce(i: int, group=group) -> torch.Tensor:
-                key = group[i]
-                _, t = hf.meta_tensor_to_hf(key, source.tensor(key, 0, 1), args)
-                return t.to(out_dtype) if t.dtype != out_dtype else t
+                def produce(i: int, group=group) -> torch.Tensor:
+                    key = group[i]
+                    _, t = hf.meta_tensor_to_hf(key, source.tensor(key, 0, 1), args)
+                    return t.to(out_dtype) if t.dtype != out_dtype else t
 
-            entries = [(names[k], global_shape(k, args), out_dtype) for k in group]
-            total += write_safetensors(path, entries, produce, written=lambda i, group=group: source.release(group[i]))
-            weight_map.update({names[k]: path.name for k in group})
+                def written(i: int, group=group) -> None:
+                    source.release(group[i])
+                    progress.update(math.prod(global_shape(group[i], args)) * out_dtype.itemsize)
+
+                entries = [(names[k], global_shape(k, args), out_dtype) for k in group]
+                total += write_safetensors(path, entries, produce, written=written)
+                weight_map.update({names[k]: path.name for k in group})
+                progress.update(items=1)
         if len(files) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (dst / HF_INDEX).write_text(json.dumps(index, indent=2) + "\n")
@@ -236,12 +244,34 @@ def convert_to_meta(
     source = open_checkpoint(src)
     try:
         params = read_params(src)
-        paths = save_checkpoint(source, dst, model_parallel_size, params, dtype=dtype)
+        label = f"writing {src.name} as {model_parallel_size} shard(s)"
+        with Progress(label, _meta_bytes(source, model_parallel_size, dtype)) as progress:
+            _count_owned_tensors(source, progress)
+            paths = save_checkpoint(source, dst, model_parallel_size, params, dtype=dtype)
     finally:
         source.close()
     if tokenizer is not None:
         shutil.copyfile(tokenizer, dst / "tokenizer.model")
     return paths
+
+
+def _meta_bytes(source, n_shards: int, dtype: Optional[torch.dtype]) -> int:
+    """Bytes of all ``n_shards`` output shards (key/value heads replicated where ``n_shards`` needs it)."""
+    itemsize = (dtype or source.dtype()).itemsize
+    keys = expected_keys(source.args)
+    return sum(math.prod(local_shape(k, source.args, r, n_shards)) for r in range(n_shards) for k in keys) * itemsize
+
+
+def _count_owned_tensors(source, progress: Progress) -> None:
+    """Report each tensor ``save_checkpoint`` takes from ``source`` to ``progress`` (this instance only)."""
+    owned_tensor = source.owned_tensor
+
+    def counted(key: str, rank: int, world: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        t = owned_tensor(key, rank, world, dtype)
+        progress.update(t.nbytes, note=f"shard {rank + 1}/{world}")
+        return t
+
+    source.owned_tensor = counted
 
 
 def main(argv: Optional[Iterable[str]] = None) -> int:

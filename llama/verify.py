@@ -8,16 +8,21 @@ import argparse
 import hashlib
 import sys
 from pathlib import Path
-from typing import Iterable, List, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
+
+from .progress import Progress
 
 CHECKLIST = "checklist.chk"
 
 
-def md5_file(path: Path, chunk_size: int = 1 << 22) -> str:
+def md5_file(path: Path, chunk_size: int = 1 << 22, on_read: Optional[Callable[[int], None]] = None) -> str:
+    """The md5 hex digest of ``path``; ``on_read(n)`` is called after each chunk of ``n`` bytes."""
     digest = hashlib.md5()
     with open(path, "rb") as f:
         while chunk := f.read(chunk_size):
             digest.update(chunk)
+            if on_read is not None:
+                on_read(len(chunk))
     return digest.hexdigest()
 
 
@@ -42,24 +47,31 @@ def write_checklist(directory: Path, names: Iterable[str], checklist: str = CHEC
     return out
 
 
-def verify(directory: Path, checklist: str = CHECKLIST, out=sys.stdout) -> bool:
-    """Check every line of ``directory/checklist``; print one line per file; True when all match."""
+def verify(directory: Path, checklist: str = CHECKLIST, out=None) -> bool:
+    """Check every line of ``directory/checklist``; print one line per file (to ``out``, default
+    stdout; progress on a terminal's stderr); True when all match."""
+    out = sys.stdout if out is None else out
     directory = Path(directory)
     path = directory / checklist
     if not path.is_file():
         print(f"{path}: checklist not found", file=out)
         return False
     ok = True
-    for expected, name in read_checklist(path):
-        target = directory / name
-        if not target.is_file():
-            print(f"{target}: MISSING", file=out)
-            ok = False
-        elif md5_file(target) != expected:
-            print(f"{target}: FAILED (md5 mismatch; download it again)", file=out)
-            ok = False
-        else:
-            print(f"{target}: OK", file=out)
+    entries = read_checklist(path)
+    sizes = [(directory / name).stat().st_size if (directory / name).is_file() else 0 for _, name in entries]
+    with Progress(f"verifying {directory.name}", sum(sizes), len(entries), "files") as progress:
+        for expected, name in entries:
+            target = directory / name
+            if not target.is_file():
+                line = f"{target}: MISSING"
+                ok = False
+            elif md5_file(target, on_read=lambda n: progress.update(n, note=name)) != expected:
+                line = f"{target}: FAILED (md5 mismatch; download it again)"
+                ok = False
+            else:
+                line = f"{target}: OK"
+            progress.print(line, file=out)
+            progress.update(items=1)
     return ok
 
 
