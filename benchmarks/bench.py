@@ -101,6 +101,7 @@ def machine(device, threads: int) -> dict:
 
     info = {
         "cpu": _cpu_model(),
+        "cpu_facts": cpu_facts(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "threads": threads,
@@ -131,19 +132,20 @@ def _sync(device) -> None:
 
 def read_bandwidth(device, repeats: int = 7) -> float:
     """Read bandwidth in bytes/s: best of ``repeats`` sums of a 1 GiB (CPU) or 4 GiB (GPU) float32 array."""
+    from llama.kernel_choice import read_bandwidth as measure
+
+    return measure(device, repeats)
+
+
+def cpu_facts() -> dict:
+    """What the kernel choice sees of the CPU (llama.kernel_choice), and torch's CPU capability."""
     import torch
 
-    n = (1 << 30 if device.type == "cuda" else 1 << 28)
-    x = torch.ones(n, dtype=torch.float32, device=device)  # written, so every page is really there
-    x.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        x.sum()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return x.numel() * x.element_size() / best
+    from llama import kernel_choice
+
+    facts = dict(kernel_choice.cpu_facts())
+    facts["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else None
+    return facts
 
 
 # ----------------------------------------------------------------------------- random checkpoints
@@ -369,7 +371,7 @@ def summarize(impl: Impl, bsz: int, prompt_len: int, n: int, bandwidth: float) -
         "decode_tok_s": decode_tok_s,
         "decode_tok_s_best": bsz * (n - 1) / best_decode_s,
         "ms_per_step": 1000 / steps_s,
-        "pct_of_bandwidth_limit": 100 * steps_s * impl.weight_bytes / bandwidth,
+        "pct_of_bandwidth_limit": 100 * steps_s * impl.weight_bytes / bandwidth if bandwidth else None,
         "generate_s": total,
         "repeats": len(tn),
         "t1_s": t1,
@@ -380,11 +382,18 @@ def summarize(impl: Impl, bsz: int, prompt_len: int, n: int, bandwidth: float) -
 # ----------------------------------------------------------------------------- main
 
 
+def parser_for(doc: str) -> argparse.ArgumentParser:
+    """A parser whose help is a script's docstring, with ``--shape`` in a group of ways to give the weights."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(doc.splitlines()[1:]))
+    p.weights = p.add_mutually_exclusive_group()
+    p.weights.add_argument("--shape", choices=sorted(SHAPES), default="110m", help="random weights of this shape (default %(default)s)")
+    return p
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[1:]))
-    what = p.add_mutually_exclusive_group()
-    what.add_argument("--shape", choices=sorted(SHAPES), default="110m", help="random weights of this shape (default %(default)s)")
+    p = parser_for(__doc__)
+    what = p.weights
     what.add_argument("--params", type=Path, help="random weights of the shape in this params.json (vocab_size must be set)")
     what.add_argument("--ckpt-dir", type=Path, help="a real checkpoint directory (Meta or Hugging Face format)")
     p.add_argument("--tokenizer-path", type=Path, help="tokenizer.model of --ckpt-dir")
@@ -398,8 +407,10 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="ours: Llama.compile() (CUDA graphs on CUDA, frozen "
                    "weights and autotuned C++ GEMMs on CPU); transformers: static cache + its generate auto-compile")
     p.add_argument("--quantize", choices=["int8"], help="also run ours with weight-only quantization (ours-int8)")
-    p.add_argument("--dense-too", action="store_true", help="also run ours with pack_weights=False (ours-dense): "
-                   "what packing the float32 CPU weights gains")
+    p.add_argument("--kernels", default=None, help="ours: Llama.build(kernels=...): dense, packed, int8, int8-fp32 "
+                   "(comma-separated) or auto (default: $LLAMA_KERNELS, else auto: measured on this machine)")
+    p.add_argument("--dense-too", action="store_true", help="also run ours with kernels='dense' (ours-dense)")
+    p.add_argument("--packed-too", action="store_true", help="also run ours with kernels='packed' (ours-packed)")
     p.add_argument("--batch-sizes", default="1,8", help="comma-separated (default %(default)s)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per row (default %(default)s)")
     p.add_argument("--gen-tokens", type=int, default=64, help="new tokens per row, N (default %(default)s)")
@@ -426,8 +437,8 @@ def parse_args(argv=None):
         p.error("--batch-sizes must be positive")
     if args.gen_tokens < 2 or args.prompt_len < 1 or args.repeats < 1:
         p.error("--gen-tokens must be >= 2, --prompt-len and --repeats >= 1")
-    if args.dense_too and args.compile:
-        p.error("--dense-too is for eager runs: under --compile ours already has dense weights")
+    if (args.dense_too or args.packed_too) and args.compile:
+        p.error("--dense-too and --packed-too are for eager runs: under --compile ours has dense weights")
     if args.hf_cache is None:
         args.hf_cache = "static" if args.compile else "dynamic"
     return args
@@ -467,13 +478,14 @@ def main(argv=None) -> int:
     threads = torch.get_num_threads()
 
     from llama import Llama
-    from llama import distributed
+    from llama import distributed, kernel_choice
     from llama.model import ModelArgs
     from llama.packed_linear import is_packed
     from llama.quantize import quantize_model, weight_bytes
 
     device = distributed.select_device(args.device)
     dtype = distributed.select_dtype(args.dtype, device)
+    override, _ = kernel_choice.resolve_override(args.kernels, None)
     dtype_name = str(dtype).removeprefix("torch.")
     max_bsz = max(args.batch_sizes)
     max_seq_len = args.prompt_len + args.gen_tokens
@@ -503,7 +515,7 @@ def main(argv=None) -> int:
     rss: Dict[str, float] = {}
     shape_name = "ckpt" if args.ckpt_dir else ("params" if args.params else args.shape)
 
-    llama_dense = None
+    variants: Dict[str, object] = {}  # ours-dense, ours-packed: Llama of the same checkpoint, other kernels
     with contextlib.ExitStack() as stack:
         # ---------------------------------------------------------------- build
         if args.no_checkpoint:
@@ -512,13 +524,18 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             float_model, state = random_models_in_memory(margs, device, dtype, args.seed)
             load["ours"] = {"how": "in memory: random weights generated on the device", "s": None}
+            if not args.compile:  # what Llama.build does: the kernels measured fastest here (CPU)
+                kernel_choice.apply(float_model, kernel_choice.plan_for(float_model, device, dtype, override))
             llama = Llama(float_model, NoEosTokenizer())
             llama_int8 = None
-            if args.dense_too:
-                raise SystemExit("--dense-too needs a checkpoint (drop --no-checkpoint)")
+            if args.dense_too or args.packed_too:
+                raise SystemExit("--dense-too and --packed-too need a checkpoint (drop --no-checkpoint)")
             if args.quantize:
                 start = time.perf_counter()
-                llama_int8 = Llama(quantize_model(transformer_sharing(state, margs, device, dtype), args.quantize), NoEosTokenizer())
+                int8_model = quantize_model(transformer_sharing(state, margs, device, dtype), args.quantize)
+                if not args.compile:
+                    kernel_choice.apply(int8_model, kernel_choice.plan_for(int8_model, device, dtype, override))
+                llama_int8 = Llama(int8_model, NoEosTokenizer())
                 _sync(device)
                 load["ours-int8"] = {"how": "in memory: quantize_model of the same weights", "s": time.perf_counter() - start}
             hf_model = None
@@ -561,18 +578,20 @@ def main(argv=None) -> int:
 
             # --compile: dense float weights, as Llama.build(compile=True) and the scripts' --compile
             # keep them (the compiled CPU step packs its own copy)
-            llama, seconds = build(**({"pack_weights": False} if args.compile else {}))
+            llama, seconds = build(**({"pack_weights": False} if args.compile else {"kernels": args.kernels}))
             load["ours"] = {"how": how, "s": seconds}
             llama.tokenizer = NoEosTokenizer()  # never stops early
             llama_int8 = None
             if args.quantize:
-                llama_int8, seconds = build(args.quantize)
+                int8_kernels = {} if args.compile or not override.get("int8") else {"kernels": override["int8"]}
+                llama_int8, seconds = build(args.quantize, **int8_kernels)
                 llama_int8.tokenizer = NoEosTokenizer()
                 load["ours-int8"] = {"how": how + f", quantize={args.quantize!r}", "s": seconds}
-            if args.dense_too:
-                llama_dense, seconds = build(pack_weights=False)
-                llama_dense.tokenizer = NoEosTokenizer()
-                load["ours-dense"] = {"how": how + ", pack_weights=False", "s": seconds}
+            for wanted, kernel in (("dense_too", "dense"), ("packed_too", "packed")):
+                if getattr(args, wanted):
+                    variants[f"ours-{kernel}"], seconds = build(kernels=kernel)
+                    variants[f"ours-{kernel}"].tokenizer = NoEosTokenizer()
+                    load[f"ours-{kernel}"] = {"how": how + f", kernels={kernel!r}", "s": seconds}
             hf_model = None
             if run_hf:
                 start = time.perf_counter()
@@ -612,16 +631,17 @@ def main(argv=None) -> int:
         # ---------------------------------------------------------------- implementations
         if device.type == "cuda":
             _sync(device)
-        impls.append(Impl("ours", ours_generate(llama), weight_bytes(llama.model),
-                          {"kv_cache": "static (preallocated)", "compiled": "ours" in compile_s,
-                           "packed_weights": is_packed(llama.model)}))
-        if llama_dense is not None:
-            impls.append(Impl("ours-dense", ours_generate(llama_dense), weight_bytes(llama_dense.model),
-                              {"kv_cache": "static (preallocated)", "compiled": False, "packed_weights": False}))
+        def ours_notes(built, name: str) -> dict:
+            plan = getattr(built.model, "kernel_plan", None)
+            return {"kv_cache": "static (preallocated)", "compiled": name in compile_s, "packed_weights": is_packed(built.model),
+                    "kernels": plan.as_dict() if plan is not None else None}
+
+        impls.append(Impl("ours", ours_generate(llama), weight_bytes(llama.model), ours_notes(llama, "ours")))
+        for name, built in variants.items():
+            impls.append(Impl(name, ours_generate(built), weight_bytes(built.model), ours_notes(built, name)))
         if llama_int8 is not None:
             impls.append(Impl("ours-int8", ours_generate(llama_int8), weight_bytes(llama_int8.model),
-                              {"kv_cache": "static (preallocated)", "compiled": "ours-int8" in compile_s,
-                               "quantize": args.quantize}))
+                              {**ours_notes(llama_int8, "ours-int8"), "quantize": args.quantize}))
         if hf_model is not None:
             hf_bytes = sum(p.numel() * p.element_size() for n, p in hf_model.named_parameters() if "embed_tokens" not in n)
             attention = getattr(hf_model.config, "_attn_implementation", None)
@@ -646,13 +666,68 @@ def main(argv=None) -> int:
             rss[impl.name] = rss_now()
 
         # ---------------------------------------------------------------- timed, interleaved
-        for _ in range(args.repeats):
+        n_params = sum(p.numel() for p in llama.model.parameters())
+
+        def snapshot(bandwidth: Optional[float], stage: str, memory: Optional[dict] = None) -> dict:
+            """The results so far (rows of the impls and batch sizes timed at least once)."""
+            rows = []
+            for bsz in args.batch_sizes:
+                base = None
+                for impl in impls:
+                    if not impl.times[bsz]["tn"]:
+                        continue
+                    row = summarize(impl, bsz, args.prompt_len, args.gen_tokens, bandwidth)
+                    if impl.name == "ours":
+                        base = row["decode_tok_s"]
+                    row["speedup_vs_ours"] = row["decode_tok_s"] / base if base else None
+                    if impl.name != "ours":
+                        ref = impls[0].tokens[bsz]
+                        prefixes = [_prefix(a, b) for a, b in zip(ref, impl.tokens[bsz])]
+                        row["tokens_equal_to_ours"] = sum(p == args.gen_tokens for p in prefixes) / len(prefixes)
+                        row["mean_common_prefix"] = sum(prefixes) / len(prefixes)
+                    rows.append(row)
+            return {
+                "benchmark": "generation",
+                "stage": stage,
+                "shape": shape_name,
+                "params": {k: getattr(margs, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")},
+                "n_params": n_params,
+                "device": str(device),
+                "dtype": dtype_name,
+                "threads": threads,
+                "compile": args.compile,
+                "quantize": args.quantize,
+                "prompt_len": args.prompt_len,
+                "gen_tokens": args.gen_tokens,
+                "batch_sizes": args.batch_sizes,
+                "repeats": args.repeats,
+                "weights": "no-checkpoint (in memory)" if args.no_checkpoint else ("checkpoint" if args.ckpt_dir else "random checkpoint"),
+                "read_bandwidth_gb_s": bandwidth / GB if bandwidth else None,
+                "weight_bytes_per_step": {impl.name: impl.weight_bytes for impl in impls},
+                "bandwidth_limit_tok_s": {impl.name: bandwidth / impl.weight_bytes if bandwidth else None for impl in impls},
+                "impl_notes": {impl.name: impl.notes for impl in impls},
+                "load": load,
+                "compile_s": compile_s,
+                "memory": memory,
+                "results": rows,
+                "machine": info,
+            }
+
+        def write(result: dict) -> None:
+            """Into --out now: a run stopped later (a time limit) keeps what it measured."""
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+        write(snapshot(None, "warmed up"))
+        for repeat in range(args.repeats):
             for bsz in args.batch_sizes:
                 for impl in impls:
                     t1, _ = timed(lambda: impl.generate(prompts[bsz], 1), device)
                     tn, _ = timed(lambda: impl.generate(prompts[bsz], args.gen_tokens), device)
                     impl.times[bsz]["t1"].append(t1)
                     impl.times[bsz]["tn"].append(tn)
+                    write(snapshot(None, f"repeat {repeat + 1} of {args.repeats}: timing (no bandwidth yet)"))
 
         # ---------------------------------------------------------------- memory, then bandwidth
         memory = {"baseline_rss_mb": baseline_rss / MB}
@@ -660,8 +735,7 @@ def main(argv=None) -> int:
         for impl in impls:
             memory[f"{impl.name}_rss_added_mb"] = (rss[impl.name] - previous) / MB
             previous = rss[impl.name]
-        n_params = sum(p.numel() for p in llama.model.parameters())
-        del llama, llama_int8, llama_dense, hf_model
+        del llama, llama_int8, variants, hf_model
         for impl in impls:
             impl.generate = None
         gc.collect()
@@ -673,53 +747,11 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
     bandwidth = read_bandwidth(device)
 
-    # ---------------------------------------------------------------- report
-    rows = []
-    for bsz in args.batch_sizes:
-        base = None
-        for impl in impls:
-            row = summarize(impl, bsz, args.prompt_len, args.gen_tokens, bandwidth)
-            if impl.name == "ours":
-                base = row["decode_tok_s"]
-            row["speedup_vs_ours"] = row["decode_tok_s"] / base if base else None
-            if impl.name != "ours":
-                ref = impls[0].tokens[bsz]
-                prefixes = [_prefix(a, b) for a, b in zip(ref, impl.tokens[bsz])]
-                row["tokens_equal_to_ours"] = sum(p == args.gen_tokens for p in prefixes) / len(prefixes)
-                row["mean_common_prefix"] = sum(prefixes) / len(prefixes)
-            rows.append(row)
-
     info["load_average_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-    result = {
-        "benchmark": "generation",
-        "shape": shape_name,
-        "params": {k: getattr(margs, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")},
-        "n_params": n_params,
-        "device": str(device),
-        "dtype": dtype_name,
-        "threads": threads,
-        "compile": args.compile,
-        "quantize": args.quantize,
-        "prompt_len": args.prompt_len,
-        "gen_tokens": args.gen_tokens,
-        "batch_sizes": args.batch_sizes,
-        "repeats": args.repeats,
-        "weights": "no-checkpoint (in memory)" if args.no_checkpoint else ("checkpoint" if args.ckpt_dir else "random checkpoint"),
-        "read_bandwidth_gb_s": bandwidth / GB,
-        "weight_bytes_per_step": {impl.name: impl.weight_bytes for impl in impls},
-        "bandwidth_limit_tok_s": {impl.name: bandwidth / impl.weight_bytes for impl in impls},
-        "impl_notes": {impl.name: impl.notes for impl in impls},
-        "load": load,
-        "compile_s": compile_s,
-        "memory": memory,
-        "results": rows,
-        "machine": info,
-    }
+    result = snapshot(bandwidth, "complete", memory)
     print_table(result)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        write(result)
         print(f"wrote {args.out}")
     print(json.dumps(result))
     return 0
@@ -736,13 +768,29 @@ def print_table(r: dict) -> None:
         notes = r["impl_notes"][name]
         print(f"  {name:<10} {nbytes / MB:9.1f} MB read per step -> batch-1 limit {r['bandwidth_limit_tok_s'][name]:8.1f} tok/s; "
               f"KV cache {notes['kv_cache']}, compiled {notes['compiled']}")
-    header = f"{'impl':<10} {'batch':>5} {'TTFT ms':>9} {'prefill tok/s':>14} {'decode tok/s':>13} {'(best)':>9} " \
+    facts = m.get("cpu_facts")
+    if facts and r["device"] == "cpu":
+        print(f"CPU {facts['model']} ({facts['id']}): {' '.join(facts['flags'])}; {facts['usable_cores']} physical cores "
+              f"usable; torch CPU capability {facts.get('torch_cpu_capability')}")
+    for name, notes in r["impl_notes"].items():
+        plan = notes.get("kernels")
+        if not plan:
+            continue
+        print(f"  {name:<10} kernels ({plan['dtype']}, {plan['threads']}, {plan['measure_s']:.1f} s to decide):")
+        for shape, c in plan["choices"].items():
+            behind = ""
+            if c["timings_ms"]:  # the timings behind the pick: ms per call at each decode batch size
+                batches = "/".join(map(str, next(iter(c["timings_ms"].values()))))
+                behind = f"; ms at batch {batches}: " + ", ".join(
+                    f"{k} " + "/".join(f"{t:.3f}" for t in per.values()) for k, per in c["timings_ms"].items())
+            print(f"    {shape:<16} {c['kernel']:<9} ({c['source']}{behind})")
+    header = f"{'impl':<12} {'batch':>5} {'TTFT ms':>9} {'prefill tok/s':>14} {'decode tok/s':>13} {'(best)':>9} " \
              f"{'ms/step':>8} {'% of limit':>10} {'vs ours':>8} {'same tokens':>11}"
     print(header)
     print("-" * len(header))
     for row in r["results"]:
         same = "" if "tokens_equal_to_ours" not in row else f"{100 * row['tokens_equal_to_ours']:.0f}% rows"
-        print(f"{row['impl']:<10} {row['batch']:>5} {1000 * row['ttft_s']:>9.1f} {row['prefill_tok_s']:>14.1f} "
+        print(f"{row['impl']:<12} {row['batch']:>5} {1000 * row['ttft_s']:>9.1f} {row['prefill_tok_s']:>14.1f} "
               f"{row['decode_tok_s']:>13.1f} {row['decode_tok_s_best']:>9.1f} {row['ms_per_step']:>8.2f} "
               f"{row['pct_of_bandwidth_limit']:>9.0f}% {row['speedup_vs_ours']:>7.2f}x {same:>11}")
     loads = ", ".join(f"{k} {v['s']:.2f} s" for k, v in r["load"].items() if v["s"] is not None)

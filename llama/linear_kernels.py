@@ -4,18 +4,21 @@ A layer of :mod:`llama.parallel_layers` holds its weight in one of three layouts
 :func:`kernel_for` picks the kernel that reads it:
 
 - :func:`dense`: a float tensor, ``F.linear``;
-- :func:`packed`: a float32 weight reordered into oneDNN's blocked layout
+- :func:`packed`: a float32 or bfloat16 weight reordered into oneDNN's blocked layout
   (:mod:`llama.packed_linear` says why), oneDNN's inner product;
 - :func:`int8`: int8 ``weight`` with one float scale per output row in ``scales``
-  (:mod:`llama.quantize`), :func:`int8_linear`.
+  (:mod:`llama.quantize`), :func:`int8_linear`; :func:`int8_fp32` is the same product
+  with float32 activations.
 
 Each kernel is called as ``kernel(x, layer)``; the layer does the model-parallel
-communication around it. This module imports nothing else of the package, so the
-layers, packing and quantization all depend on it and not on each other.
+communication around it. :data:`KERNELS` names them (the names that
+:mod:`llama.kernel_choice` measures, caches and takes as overrides); a weight's layout
+admits the kernels of its :func:`layout`. This module imports nothing else of the
+package, so the layers, packing and quantization all depend on it and not on each other.
 """
 
 import weakref
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -76,25 +79,26 @@ def packed(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
 # ----------------------------------------------------------------------------- int8 weight-only
 
 
-def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def int8_linear(
+    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, compute_dtype: Optional[torch.dtype] = None
+) -> torch.Tensor:
     """``x @ (weight * scales[:, None]).T`` for int8 ``weight`` (out, in) and per-row ``scales``; in x's dtype.
 
-    On the CPU, ``aten._weight_int8pack_mm`` (vectorised for bfloat16 and float16
-    activations; float32 activations are rounded to bfloat16 for it, since its float32
-    path is a slow scalar loop, so a float32 model keeps bfloat16 scales); elsewhere
-    ``F.linear(x, Q.to(x.dtype)) * scale``, which ``torch.compile`` fuses (eager it
-    materialises the dequantized weight).
+    On the CPU, ``aten._weight_int8pack_mm`` with activations in ``compute_dtype``
+    (default: x's, except bfloat16 for float32 ``x``: that kernel's float32 path was a
+    scalar loop, ~10x slower than bfloat16, on the CPUs it was first measured on; a
+    float32 model keeps bfloat16 scales; :mod:`llama.kernel_choice` measures both);
+    elsewhere ``F.linear(x, Q.to(x.dtype)) * scale``, which ``torch.compile`` fuses
+    (eager it materialises the dequantized weight).
     """
     in_features = weight.shape[1]
     if x.device.type == "cpu" and in_features % 8 == 0:  # the kernel misreads rows whose length is not a multiple of 8
+        if compute_dtype is None:
+            compute_dtype = torch.bfloat16 if x.dtype == torch.float32 else x.dtype
         shape = x.shape
-        x2 = x.reshape(-1, in_features)
-        if x.dtype == torch.float32:  # its float32 path is a scalar loop, ~10x slower than bfloat16
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), weight, scales.to(torch.bfloat16))
-            y = y.to(torch.float32)
-        else:
-            y = torch.ops.aten._weight_int8pack_mm(x2, weight, scales.to(x.dtype))
-        return y.view(*shape[:-1], weight.shape[0])
+        x2 = x.reshape(-1, in_features).to(compute_dtype)
+        y = torch.ops.aten._weight_int8pack_mm(x2, weight, scales.to(compute_dtype))
+        return y.to(x.dtype).view(*shape[:-1], weight.shape[0])
     return F.linear(x, weight.to(x.dtype)) * scales.to(x.dtype)
 
 
@@ -103,10 +107,32 @@ def int8(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     return int8_linear(x, layer.weight, layer.scales)
 
 
+def int8_fp32(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """:func:`int8` with float32 activations (float32 scales) on the CPU."""
+    return int8_linear(x, layer.weight, layer.scales, torch.float32)
+
+
+# ----------------------------------------------------------------------------- names and layouts
+
+# name -> kernel, for plans, caches and overrides (llama.kernel_choice)
+KERNELS: Dict[str, Kernel] = {"dense": dense, "packed": packed, "int8": int8, "int8-fp32": int8_fp32}
+_NAMES = {kernel: name for name, kernel in KERNELS.items()}
+
+
+def name_of(kernel: Kernel) -> str:
+    """The :data:`KERNELS` name of ``kernel``."""
+    return _NAMES[kernel]
+
+
+def layout(weight_or_name) -> str:
+    """``"dense"``, ``"packed"`` or ``"int8"``: the layout of a weight, or the one a kernel (name) reads."""
+    if isinstance(weight_or_name, str):
+        return "int8" if weight_or_name.startswith("int8") else weight_or_name
+    if weight_or_name.is_mkldnn:
+        return "packed"
+    return "int8" if weight_or_name.dtype == torch.int8 else "dense"
+
+
 def kernel_for(weight: torch.Tensor) -> Kernel:
-    """The kernel for a weight in this layout (int8 means int8 with scales)."""
-    if weight.is_mkldnn:
-        return packed
-    if weight.dtype == torch.int8:
-        return int8
-    return dense
+    """The default kernel for a weight in this layout (int8 means int8 with scales)."""
+    return KERNELS[layout(weight)]

@@ -94,15 +94,23 @@ class ParallelLinear(nn.Module):
         self.single_rank = get_model_parallel_world_size() == 1
         self._register_state_dict_hook(_dense_state_dict)
 
-    def set_weight(self, weight: torch.Tensor, scales: Optional[torch.Tensor] = None) -> None:
-        """Hold ``weight`` (local shard, out x in) in place of the current one, and compute with its kernel.
+    def set_weight(
+        self, weight: torch.Tensor, scales: Optional[torch.Tensor] = None, kernel: Optional[linear_kernels.Kernel] = None
+    ) -> None:
+        """Hold ``weight`` (local shard, out x in) in place of the current one, and compute with ``kernel``.
 
         ``weight``: dense float or oneDNN-packed (a parameter that takes no gradient), or
-        int8 with its per-output-row ``scales`` (buffers: nothing to train). The previous
-        tensors are dropped here, so they are freed unless referenced elsewhere.
+        int8 with its per-output-row ``scales`` (buffers: nothing to train). ``kernel``:
+        one of :data:`llama.linear_kernels.KERNELS` that reads this layout (default: the
+        layout's, :func:`llama.linear_kernels.kernel_for`). The previous tensors are
+        dropped here, so they are freed unless referenced elsewhere.
         """
-        kernel = linear_kernels.kernel_for(weight)
-        if (scales is not None) != (kernel is linear_kernels.int8):
+        layout = linear_kernels.layout(weight)
+        if kernel is None:
+            kernel = linear_kernels.kernel_for(weight)
+        elif linear_kernels.layout(linear_kernels.name_of(kernel)) != layout:
+            raise ValueError(f"kernel {linear_kernels.name_of(kernel)!r} cannot read a {layout} weight")
+        if (scales is not None) != (layout == "int8"):
             raise ValueError("an int8 weight needs its scales, and only an int8 weight takes scales")
         del self.weight
         if "scales" in self._buffers:
@@ -114,7 +122,7 @@ class ParallelLinear(nn.Module):
             self.register_buffer("scales", scales)
         self.kernel = kernel
         self.packed_handle = None
-        if kernel is linear_kernels.packed:  # the parameter itself: the handle holds it weakly
+        if layout == "packed":  # the parameter itself: the handle holds it weakly
             self.packed_handle = linear_kernels.register_packed(self.weight)
             self.packed_out_features = weight.shape[0]
 

@@ -99,7 +99,7 @@ def quantize_model(model: nn.Module, mode: str = "int8") -> nn.Module:
     """
     check_mode(mode)
     for _, layer in linear_layers(model):
-        if layer.kernel is linear_kernels.int8:
+        if linear_kernels.layout(layer.weight) == "int8":
             continue
         w = layer.weight.detach()
         if w.is_mkldnn:  # packed for the float32 CPU path (llama.packed_linear): one layer unpacked at a time
@@ -149,7 +149,7 @@ def load_quantized(
 
 def is_quantized(model: nn.Module) -> bool:
     """Whether any linear layer of ``model`` holds an int8 weight."""
-    return any(layer.kernel is linear_kernels.int8 for _, layer in linear_layers(model))
+    return any(linear_kernels.layout(layer.weight) == "int8" for _, layer in linear_layers(model))
 
 
 def weight_bytes(model: nn.Module, exclude_embedding: bool = True) -> int:

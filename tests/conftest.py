@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,14 @@ REPO = Path(__file__).resolve().parents[1]
 REAL_TOKENIZER = REPO.parent / "shared" / "llama2-tokenizer" / "tokenizer.model"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# Tests run with fixed kernels (packed float weights where supported, int8 with bfloat16
+# activations for quantized ones): a choice measured on a busy machine could differ from run
+# to run, and between the ranks of the torchrun tests and their one-rank references. The
+# chooser itself is tested in test_kernel_choice.py. Its cache goes to a folder of this run,
+# not ~/.cache.
+os.environ.setdefault("LLAMA_KERNELS", "packed,int8")
+os.environ.setdefault("LLAMA_KERNEL_CACHE", str(Path(tempfile.mkdtemp(prefix="llama-kernels-")) / "kernels.json"))
 
 from helpers import TRAINING_TEXT, make_checkpoint  # noqa: E402
 

@@ -1,0 +1,627 @@
+"""Linear kernels chosen by measurement, per machine.
+
+Which kernel computes ``x @ W.T`` fastest for a decode step depends on the CPU: oneDNN on
+weights packed once (:mod:`llama.packed_linear`) was 1.3x MKL's ``sgemm`` at batch 1 on
+an AMD EPYC without AVX-512, and 0.8x on an Intel Xeon with AMX. So nothing is hard-wired:
+for each distinct linear shape and dtype of a model, the candidate kernels of
+:data:`llama.linear_kernels.KERNELS` that apply are timed on random weights of that
+shape (never the real ones), at the decode batch sizes :data:`DECODE_BATCHES`, and the
+fastest is kept:
+
+- float weights: ``dense`` (``F.linear``: MKL / oneDNN) and ``packed`` (oneDNN's blocked
+  layout, where this CPU can pack the dtype: float32 always, bfloat16 with AVX512-BF16 or
+  AMX);
+- int8 weights (``quantize="int8"``): ``int8`` (``aten._weight_int8pack_mm`` with
+  bfloat16 activations for a float32 model) and ``int8-fp32`` (float32 activations).
+
+Each measurement streams through enough copies of the weight to leave the cache, as a
+decode step does, unless the model's linear weights fit in the last-level cache anyway.
+A decision is cached in ``$LLAMA_KERNEL_CACHE`` (default ``~/.cache/llama/kernels.json``),
+keyed by the CPU (model, family/model/stepping, the flags that matter), torch version,
+threads, dtype, shape and candidates, so a choice made on another CPU or torch is never
+reused. ``LLAMA_KERNELS`` or ``Llama.build(kernels=...)`` overrides it (see
+:func:`parse_override`); then nothing is measured and the choice is deterministic.
+
+Model parallel: every rank decides (cached, or measured on its own shard's shapes),
+then all take rank 0's plan (:func:`agree`), so the ranks run the same kernels.
+``python -m llama.doctor`` shows the facts and the choices with their timings.
+"""
+
+import functools
+import json
+import os
+import platform
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import linear_kernels, packed_linear
+from .parallel_layers import linear_layers
+
+KERNELS_ENV = "LLAMA_KERNELS"
+CACHE_ENV = "LLAMA_KERNEL_CACHE"
+CACHE_VERSION = 1
+DECODE_BATCHES = (1, 8)
+# A kernel other than the layout's default (dense, int8) is kept only if it is this much
+# faster (relative score below): decisions do not flip on timing noise.
+MARGIN = 0.03
+_ROUNDS = 3  # interleaved rounds per candidate and batch; the best round counts
+_ROUND_S = 0.02  # seconds of passes over the copies per round (at least one)
+_HOPELESS = 3.0  # a kernel this many times slower than the fastest after a round is not timed further
+_MIN_STREAM_BYTES = 64 << 20  # stream at least this much per pass (or 2x the last-level cache)
+_MAX_TIMED_ELEMENTS = 1 << 26  # larger weights (e.g. the output layer) are timed on their first rows
+
+# The CPU flags that decide which kernels are fast (x86 /proc/cpuinfo names; ARM "Features").
+FLAGS = (
+    "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16",
+    "avx_ne_convert", "amx_tile", "amx_bf16", "amx_int8", "asimd", "asimddp", "sve", "sve2", "bf16", "i8mm",
+)
+
+
+# ----------------------------------------------------------------------------- machine facts
+
+
+def _cpuinfo() -> Dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    fields: Dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    if fields:
+                        break
+                    continue
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return fields
+
+
+def _sysctl(name: str) -> Optional[str]:
+    import subprocess
+
+    try:
+        out = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _read(path: str) -> Optional[str]:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def _cpu_ids(cpus: Iterable[int]) -> List[Tuple[str, str]]:
+    """(package, core) of each CPU number, from sysfs (a CPU without topology counts as its own core)."""
+    ids = []
+    for cpu in cpus:
+        base = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
+        ids.append((_read(base + "physical_package_id") or "?", _read(base + "core_id") or f"cpu{cpu}"))
+    return ids
+
+
+def _online_cpus() -> List[int]:
+    text = _read("/sys/devices/system/cpu/online")
+    if not text:
+        return list(range(os.cpu_count() or 1))
+    cpus: List[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.extend(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def _cgroup_cpu_limit() -> Optional[float]:
+    """CPUs allowed by a cgroup quota (containers' ``--cpus``), or None."""
+    text = _read("/sys/fs/cgroup/cpu.max")  # cgroup v2: "max 100000" or "200000 100000"
+    if text:
+        quota, _, period = text.partition(" ")
+        if quota != "max" and period:
+            return int(quota) / int(period)
+        return None
+    quota, period = _read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), _read("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+    if quota and period and int(quota) > 0:
+        return int(quota) / int(period)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_facts() -> Dict[str, object]:
+    """What the kernel choice depends on, and what ``llama.doctor`` shows.
+
+    ``model`` (the marketing name, which can be as vague as "AMD EPYC"), ``id``
+    (family/model/stepping on x86, implementer/part on ARM), ``flags`` (those of
+    :data:`FLAGS` this CPU has), ``physical_cores`` and ``logical_cpus`` (the machine's),
+    ``usable_cpus`` (this process's affinity), ``usable_cores`` (physical cores among
+    them, capped by a cgroup CPU quota), ``llc_bytes`` (last-level cache, 0 if unknown).
+    """
+    info = _cpuinfo()
+    model = info.get("model name") or _sysctl("machdep.cpu.brand_string") or platform.processor() or platform.machine()
+    if "cpu family" in info:
+        ident = f"family {info.get('cpu family')} model {info.get('model')} stepping {info.get('stepping')}"
+    elif "CPU implementer" in info:
+        ident = f"implementer {info.get('CPU implementer')} part {info.get('CPU part')}"
+        model = info.get("model name") or f"ARM {ident}"
+    else:
+        ident = platform.machine()
+    have = set((info.get("flags") or info.get("Features") or "").split())
+    if platform.system() == "Darwin":  # Apple silicon: NEON always; sysctl hw.optional.arm.FEAT_* for the rest
+        have |= {"asimd"} | {f for f, s in (("bf16", "FEAT_BF16"), ("i8mm", "FEAT_I8MM"), ("asimddp", "FEAT_DotProd"))
+                             if _sysctl(f"hw.optional.arm.{s}") == "1"}
+    online = _online_cpus()
+    usable = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else online
+    physical = len(set(_cpu_ids(online))) or len(online)
+    usable_cores = len(set(_cpu_ids(usable))) or len(usable)
+    limit = _cgroup_cpu_limit()
+    if limit is not None:
+        usable_cores = max(1, min(usable_cores, int(limit + 0.5)))
+    llc = 0
+    for index in range(4, -1, -1):
+        size = _read(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size")
+        if size:
+            number = int(re.sub(r"\D", "", size) or 0)
+            llc = number << (20 if size.endswith("M") else 10 if size.endswith("K") else 0)
+            break
+    return {
+        "model": model,
+        "id": ident,
+        "arch": platform.machine(),
+        "flags": [f for f in FLAGS if f in have],
+        "physical_cores": physical,
+        "logical_cpus": len(online),
+        "usable_cpus": len(usable),
+        "usable_cores": usable_cores,
+        "cgroup_cpu_limit": limit,
+        "llc_bytes": llc,
+    }
+
+
+def describe_cpu(facts: Optional[dict] = None) -> str:
+    """One line: model, id, flags."""
+    facts = facts or cpu_facts()
+    return f"{facts['model']} ({facts['id']}; {' '.join(facts['flags']) or 'no listed flags'})"
+
+
+# ----------------------------------------------------------------------------- threads
+
+
+def torch_default_threads() -> int:
+    """The intra-op thread count torch picks without OMP_NUM_THREADS/MKL_NUM_THREADS: the
+    machine's physical cores (cpuinfo's count; it ignores affinity masks and cgroup quotas)."""
+    facts = cpu_facts()
+    return facts["physical_cores"] if facts["physical_cores"] < facts["logical_cpus"] else facts["logical_cpus"]
+
+
+def settle_threads() -> str:
+    """Use the physical cores this process may run on, unless told otherwise; says what it did.
+
+    torch's default is right on a whole machine: one thread per physical core. It is wrong
+    where the process may use fewer cores than the machine has (``taskset``, a container's
+    cpuset or CPU quota): threads then outnumber cores and each step waits for descheduled
+    ones. Only that case is changed, and only while the thread count is still torch's
+    default: ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS`` and ``torch.set_num_threads`` are respected.
+    """
+    current = torch.get_num_threads()
+    for env in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        if os.environ.get(env):
+            return f"{current} threads ({env}={os.environ[env]})"
+    default, usable = torch_default_threads(), cpu_facts()["usable_cores"]
+    if current != default:
+        return f"{current} threads (torch.set_num_threads)"
+    if usable < current:
+        torch.set_num_threads(usable)
+        return f"{usable} threads: the physical cores this process may use (torch's default was {current}, the machine's)"
+    return f"{current} threads (torch's default: the physical cores)"
+
+
+# ----------------------------------------------------------------------------- bandwidth
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def read_bandwidth(device: torch.device = torch.device("cpu"), repeats: int = 7, nbytes: Optional[int] = None) -> float:
+    """Read bandwidth in bytes/s: best of ``repeats`` sums of a float32 array of ``nbytes``
+    (default 1 GiB on the CPU, 4 GiB on a GPU), written first so that every page is there."""
+    device = torch.device(device)
+    nbytes = nbytes or (4 << 30 if device.type == "cuda" else 1 << 30)
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        x.sum()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * x.element_size() / best
+
+
+# ----------------------------------------------------------------------------- candidates and timing
+
+
+def candidates(device: torch.device, dtype: torch.dtype, layout: str) -> List[str]:
+    """Kernel names that can run a ``layout`` (``"float"`` or ``"int8"``) weight of a ``dtype`` model on ``device``;
+    the layout's default first."""
+    if layout == "int8":
+        cpu_int8 = torch.device(device).type == "cpu" and dtype == torch.float32
+        return ["int8", "int8-fp32"] if cpu_int8 else ["int8"]
+    return ["dense", "packed"] if packed_linear.packing_supported(device, dtype) else ["dense"]
+
+
+def _random_layer(kernel: str, shape: Tuple[int, int], dtype: torch.dtype, gen: torch.Generator) -> SimpleNamespace:
+    """What a kernel reads of a layer (``weight``, ``scales``), random, in that kernel's layout."""
+    out_features, in_features = shape
+    if kernel.startswith("int8"):
+        weight = torch.randint(-127, 128, shape, dtype=torch.int8, generator=gen)
+        scale_dtype = torch.float32 if kernel == "int8-fp32" else torch.bfloat16 if dtype == torch.float32 else dtype
+        return SimpleNamespace(weight=weight, scales=(torch.rand(out_features, generator=gen) / 1000).to(scale_dtype))
+    weight = (torch.rand(shape, generator=gen) - 0.5).to(dtype)
+    if kernel == "packed":
+        weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+    return SimpleNamespace(weight=weight)
+
+
+def time_kernels(
+    shape: Tuple[int, int],
+    dtype: torch.dtype,
+    names: List[str],
+    batches: Iterable[int] = DECODE_BATCHES,
+    stream_bytes: Optional[int] = None,
+    seed: int = 0,
+) -> Dict[str, Dict[int, float]]:
+    """Seconds per call of each kernel of ``names`` on random ``shape`` weights, per batch size.
+
+    Each kernel cycles through copies of its weight adding up to ``stream_bytes`` (at
+    least one copy), so that it reads them from memory as a decode step does, rather
+    than from cache. Kernels and batch sizes are interleaved over a few rounds, the best
+    pass counting. Shapes above ``_MAX_TIMED_ELEMENTS`` are timed on their first rows.
+    """
+    rows = min(shape[0], max(64, _MAX_TIMED_ELEMENTS // shape[1]))
+    timed_shape = (rows, shape[1])
+    gen = torch.Generator().manual_seed(seed)
+    batches = list(batches)
+    layers: Dict[str, list] = {}
+    for name in names:
+        first = _random_layer(name, timed_shape, dtype, gen)
+        size = rows * shape[1] * (1 if name.startswith("int8") else torch.empty((), dtype=dtype).element_size())
+        copies = max(1, -(-(stream_bytes or 0) // size))
+        layers[name] = [first] + [_random_layer(name, timed_shape, dtype, gen) for _ in range(copies - 1)]
+    inputs = {b: torch.rand(b, shape[1], generator=gen).to(dtype) for b in batches}
+
+    def one_pass(name: str, b: int) -> float:  # seconds per call, over one pass through the copies
+        kernel, copies, x = linear_kernels.KERNELS[name], layers[name], inputs[b]
+        start = time.perf_counter()
+        for layer in copies:
+            kernel(x, layer)
+        return (time.perf_counter() - start) / len(copies)
+
+    with torch.inference_mode():
+        for name in names:  # warm-up: oneDNN makes its primitives on first use
+            for b in batches:
+                one_pass(name, b)
+        best = {name: {b: float("inf") for b in batches} for name in names}
+        for round_ in range(_ROUNDS):
+            for b in batches:
+                fastest = min(best[name][b] for name in names)
+                for name in names:
+                    if round_ and best[name][b] > _HOPELESS * fastest:  # far behind after a round: not worth more time
+                        continue
+                    start = time.perf_counter()
+                    while True:  # passes for _ROUND_S; the fastest pass counts (others were disturbed)
+                        best[name][b] = min(best[name][b], one_pass(name, b))
+                        if time.perf_counter() - start >= _ROUND_S:
+                            break
+    del layers, inputs
+    _give_back_freed_memory()
+    scale = shape[0] / rows  # the time of the whole weight
+    return {name: {b: t * scale for b, t in per.items()} for name, per in best.items()}
+
+
+def _give_back_freed_memory() -> None:
+    """glibc keeps freed blocks below its mmap threshold (up to 32 MiB) in the heap: return them
+    to the system, so the random weights of the measurement leave no resident memory behind."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+def pick(timings: Dict[str, Dict[int, float]], default: str) -> str:
+    """The kernel with the lowest sum over batch sizes of its time relative to the fastest
+    at that batch size; ``default`` unless another is at least ``MARGIN`` better."""
+    names = list(timings)
+    batches = list(timings[names[0]])
+    fastest = {b: min(timings[n][b] for n in names) for b in batches}
+    score = {n: sum(timings[n][b] / fastest[b] for b in batches) / len(batches) for n in names}
+    best = min(names, key=lambda n: score[n])
+    return best if score[best] < score[default] * (1 - MARGIN) else default
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def parse_override(text: Optional[str], what: str = KERNELS_ENV) -> Dict[str, str]:
+    """``"auto"`` (or empty) -> {}; else a comma-separated list of kernel names, at most one
+    per layout: ``dense`` or ``packed`` for float weights, ``int8`` or ``int8-fp32`` for
+    int8 ones. Returns {layout: name}; a layout not named is still measured."""
+    override: Dict[str, str] = {}
+    if not text or text.strip().lower() == "auto":
+        return override
+    for name in (n.strip().lower() for n in text.split(",") if n.strip()):
+        if name not in linear_kernels.KERNELS:
+            raise ValueError(f"{what}: unknown kernel {name!r}; use 'auto' or some of {sorted(linear_kernels.KERNELS)}")
+        layout = "int8" if name.startswith("int8") else "float"
+        if layout in override:
+            raise ValueError(f"{what}: {override[layout]!r} and {name!r} are both for {layout} weights; name one")
+        override[layout] = name
+    return override
+
+
+def resolve_override(kernels: Optional[str], pack_weights: Optional[bool]) -> Tuple[Dict[str, str], str]:
+    """The override of ``Llama.build``: its ``kernels=``, else ``pack_weights=``, else ``$LLAMA_KERNELS``.
+    Returns ({layout: name}, where it came from)."""
+    if kernels is not None and pack_weights is not None:
+        raise ValueError("give kernels= or pack_weights=, not both (pack_weights=True is kernels='packed')")
+    if kernels is not None:
+        return parse_override(kernels, "kernels="), "kernels="
+    if pack_weights is not None:
+        return {"float": "packed" if pack_weights else "dense"}, "pack_weights="
+    return parse_override(os.environ.get(KERNELS_ENV)), KERNELS_ENV
+
+
+def check_override(
+    kernels: Optional[str], pack_weights: Optional[bool], device: torch.device, dtype: torch.dtype, quantize: Optional[str]
+) -> Dict[str, str]:
+    """:func:`resolve_override` checked against the model ``Llama.build`` makes: a kernel the
+    build arguments name must apply (``ValueError`` otherwise); one of ``$LLAMA_KERNELS`` for
+    a layout the model lacks is ignored. Raised before anything is loaded."""
+    override, told_by = resolve_override(kernels, pack_weights)
+    layout = "int8" if quantize is not None else "float"
+    if told_by != KERNELS_ENV:
+        if override.get("float") == "packed" and quantize is not None:
+            raise ValueError(f"{told_by} packed and quantize= exclude each other: int8 layers have their own kernels")
+        if "int8" in override and quantize is None:
+            raise ValueError(f"{told_by} {override['int8']!r} is for quantize='int8' models")
+    override = {k: v for k, v in override.items() if k == layout}
+    names = candidates(device, dtype, layout)
+    if override and override[layout] not in names:
+        raise ValueError(
+            f"{told_by} {override[layout]!r} cannot run {layout} weights of {dtype} on {device} here (possible: "
+            f"{names}); packing needs float32 on the CPU, or bfloat16/float16 where the CPU has the instructions"
+        )
+    return override
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def cache_path() -> Path:
+    """``$LLAMA_KERNEL_CACHE`` if set, else ``~/.cache/llama/kernels.json``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "llama" / "kernels.json"
+
+
+def _load_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data["entries"] if data.get("version") == CACHE_VERSION and isinstance(data.get("entries"), dict) else {}
+    except (OSError, ValueError, KeyError, AttributeError):
+        return {}
+
+
+def _store(path: Path, key: str, entry: dict) -> None:
+    """Add one entry (re-reading the file first: other processes may have added theirs); best effort."""
+    try:
+        entries = _load_cache(path)
+        entries[key] = entry
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"version": CACHE_VERSION, "entries": entries}, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        print(f"llama: could not cache the kernel choice in {path}: {e}", file=sys.stderr)
+
+
+def decision_facts(dtype: torch.dtype, layout: str, shape: Tuple[int, int], names: List[str], resident: bool) -> dict:
+    """Everything a cached decision depends on: CPU, torch, threads, dtype, layout, shape, candidates."""
+    facts = cpu_facts()
+    return {
+        "cpu": facts["model"],
+        "cpu_id": facts["id"],
+        "flags": facts["flags"],
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "layout": layout,
+        "shape": list(shape),
+        "candidates": names,
+        "batches": list(DECODE_BATCHES),
+        "cache_resident": resident,
+    }
+
+
+# ----------------------------------------------------------------------------- plans
+
+
+@dataclass
+class Choice:
+    """The kernel for one (layout, shape): ``source`` is "measured", "cached", "override" or why there was no choice."""
+
+    kernel: str
+    source: str
+    timings_ms: Dict[str, Dict[int, float]] = field(default_factory=dict)  # kernel -> batch -> ms per call
+
+
+@dataclass
+class Plan:
+    """The kernel of every (layout, out, in) of a model's local linear weights."""
+
+    dtype: str
+    choices: Dict[Tuple[str, int, int], Choice] = field(default_factory=dict)
+    measure_s: float = 0.0
+    threads: str = ""
+
+    def kernel(self, layout: str, shape: Tuple[int, int]) -> str:
+        return self.choices[(layout, *shape)].kernel
+
+    def as_dict(self) -> dict:
+        """JSON-ready: for benchmark results and for comparing ranks."""
+        return {
+            "dtype": self.dtype,
+            "measure_s": round(self.measure_s, 3),
+            "threads": self.threads,
+            "choices": {
+                f"{layout} {o}x{i}": {"kernel": c.kernel, "source": c.source, "timings_ms": c.timings_ms}
+                for (layout, o, i), c in self.choices.items()
+            },
+        }
+
+    def summary(self) -> str:
+        """One line: each kernel with the shapes it runs, and why."""
+        parts = []
+        for (layout, o, i), c in self.choices.items():
+            parts.append(f"{o}x{i}: {c.kernel} ({c.source})")
+        return f"{self.dtype}: " + ", ".join(parts)
+
+
+def choose(
+    shapes: Iterable[Tuple[str, Tuple[int, int]]],
+    device: torch.device,
+    dtype: torch.dtype,
+    override: Optional[Dict[str, str]] = None,
+    *,
+    stream_bytes: Optional[int] = None,
+    use_cache: bool = True,
+    remeasure: bool = False,
+    compile: bool = False,
+) -> Plan:
+    """The plan for these (layout, shape) pairs (layout ``"float"`` or ``"int8"``).
+
+    Per pair: the override's kernel for the layout if any; else the layout's default
+    where there is nothing to choose (one candidate; not a CPU; ``compile``, whose CPU
+    step picks its own kernels by autotuning); else the cached decision for this
+    machine; else measured (:func:`time_kernels`, streaming ``stream_bytes`` per pass)
+    and cached (``remeasure``: measured and cached even if a decision was cached). An
+    override that this device and dtype cannot run is a ``ValueError``.
+    """
+    device = torch.device(device)
+    override = override or {}
+    plan = Plan(str(dtype).removeprefix("torch."), threads=f"{torch.get_num_threads()} threads")
+    llc = cpu_facts()["llc_bytes"]
+    resident = stream_bytes is not None and llc > 0 and stream_bytes <= llc
+    stream = None if stream_bytes is None else min(stream_bytes, max(_MIN_STREAM_BYTES, 2 * llc))
+    path, entries = cache_path(), None
+    measured: List[str] = []
+    start = time.perf_counter()
+    for layout, shape in dict.fromkeys((lay, tuple(s)) for lay, s in shapes):
+        names = candidates(device, dtype, layout)
+        if layout in override:
+            if override[layout] not in names:
+                raise ValueError(f"kernel {override[layout]!r} cannot run {layout} weights of {dtype} on {device} here")
+            plan.choices[(layout, *shape)] = Choice(override[layout], "override")
+            continue
+        if len(names) == 1 or device.type != "cpu" or compile:
+            why = "compile: Inductor picks" if compile and len(names) > 1 else "only candidate"
+            plan.choices[(layout, *shape)] = Choice(names[0], why)
+            continue
+        facts = decision_facts(dtype, layout, shape, names, resident)
+        key = json.dumps(facts, sort_keys=True)
+        if use_cache and entries is None:
+            entries = _load_cache(path)
+        entry = (entries or {}).get(key) if use_cache and not remeasure else None
+        if entry and entry.get("facts") == facts and entry.get("kernel") in names:
+            plan.choices[(layout, *shape)] = Choice(entry["kernel"], "cached", entry.get("timings_ms", {}))
+            continue
+        seconds = time_kernels(shape, dtype, names, stream_bytes=stream)
+        timings_ms = {n: {b: round(1000 * t, 4) for b, t in per.items()} for n, per in seconds.items()}
+        kernel = pick(seconds, names[0])
+        plan.choices[(layout, *shape)] = Choice(kernel, "measured", timings_ms)
+        measured.append(f"{shape[0]}x{shape[1]}")
+        if use_cache:
+            _store(path, key, {"kernel": kernel, "facts": facts, "timings_ms": timings_ms, "when": time.strftime("%Y-%m-%d %H:%M:%S")})
+    plan.measure_s = time.perf_counter() - start
+    if measured and use_cache and os.environ.get("RANK", "0") == "0":
+        print(f"llama: timed the linear kernels of {len(measured)} {plan.dtype} shape(s) on this CPU in "
+              f"{plan.measure_s:.1f} s (once; cached in {path})", file=sys.stderr)
+    return plan
+
+
+def _layout_class(weight: torch.Tensor, quantized: bool) -> str:
+    return "int8" if quantized or linear_kernels.layout(weight) == "int8" else "float"
+
+
+def plan_shapes(model: nn.Module, quantized: bool = False) -> List[Tuple[str, Tuple[int, int]]]:
+    """(layout, local shape) of each linear layer of ``model``: what :func:`choose` takes
+    (``quantized``: the layers will be int8, though still float, e.g. on the meta device)."""
+    return [(_layout_class(layer.weight, quantized), tuple(layer.weight.shape)) for _, layer in linear_layers(model)]
+
+
+def plan_for(
+    model: nn.Module,
+    device: torch.device,
+    dtype: torch.dtype,
+    override: Optional[Dict[str, str]] = None,
+    *,
+    quantized: bool = False,
+    compile: bool = False,
+) -> Plan:
+    """:func:`choose` for the local linear layers of ``model`` (built on any device, meta
+    included; ``quantized``: they will be int8), streaming as many bytes as they hold."""
+    shapes = plan_shapes(model, quantized)
+    weights = [layer.weight for _, layer in linear_layers(model)]
+    nbytes = sum(w.numel() * (1 if kind == "int8" else w.element_size()) for w, (kind, _) in zip(weights, shapes))
+    return choose(shapes, device, dtype, override, stream_bytes=nbytes, compile=compile)
+
+
+def apply(model: nn.Module, plan: Plan, on_packed=None) -> int:
+    """Give each linear layer of ``model`` its kernel of ``plan``, changing layouts where needed; returns how many changed.
+
+    Dense <-> packed converts the weight (one layer at a time; ``on_packed(key)`` is
+    called after each packing, as in :func:`llama.packed_linear.pack_linear_weights`);
+    between int8 kernels only the scales' dtype changes.
+    """
+    changed = 0
+    model.kernel_plan = plan
+    for name, layer in linear_layers(model):
+        want = plan.kernel(_layout_class(layer.weight, False), tuple(layer.weight.shape))
+        have = linear_kernels.name_of(layer.kernel)
+        if want == have:
+            continue
+        if want == "packed":
+            packed_linear.pack_layer(layer)
+            if on_packed is not None:
+                on_packed(f"{name}.weight" if name else "weight")
+        elif have == "packed":
+            layer.set_weight(layer.weight.to_dense())
+        else:  # int8 <-> int8-fp32
+            scales = layer.scales.float() if want == "int8-fp32" else layer.scales
+            layer.set_weight(layer.weight, scales, linear_kernels.KERNELS[want])
+        changed += 1
+    return changed
+
+
+def agree(model: nn.Module) -> Plan:
+    """Rank 0's plan (the one :func:`apply` gave ``model`` there) on every rank; all ranks call it."""
+    from . import distributed
+
+    plan = model.kernel_plan
+    if distributed.world_size() == 1:
+        return plan
+    return distributed._gather(plan, "agreeing on the linear kernels")[0]

@@ -1,0 +1,40 @@
+"""python -m llama.doctor runs and prints its sections (tiny shapes, a private kernel cache)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def doctor(tmp_path, *args) -> str:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LLAMA_KERNEL_CACHE": str(tmp_path / "kernels.json")}
+    env.pop("LLAMA_KERNELS", None)
+    result = subprocess.run([sys.executable, "-m", "llama.doctor", *args], capture_output=True, text=True,
+                            timeout=300, cwd=REPO, env=env)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def test_doctor_prints_every_section(tmp_path, tiny_checkpoint):
+    out = doctor(tmp_path, "--ckpt_dir", str(tiny_checkpoint))
+    for section in ("== CPU", "== Threads", "== torch", "== Memory bandwidth", "== Kernels"):
+        assert section in out, out
+    assert "flags      have:" in out and "CPU capability" in out and "GB/s (best of 7" in out
+    assert "float32" in out and "bfloat16" in out and "int8 weights" in out
+    # every distinct shape of the tiny model (dim 64, hidden 192, vocab 320) gets a pick
+    for shape in ("64x64", "192x64", "64x192", "320x64"):
+        assert shape in out, out
+    assert out.count("->") == 3 * 4
+    assert (tmp_path / "kernels.json").exists()
+    again = doctor(tmp_path, "--ckpt_dir", str(tiny_checkpoint), "--no-bandwidth", "--dtypes", "float32", "--no-int8")
+    assert "not measured" in again and again.count("->") == 4
+    assert "(measured)" not in again  # the first run's choices, from the cache
+
+
+def test_doctor_model_parallel_shapes(tmp_path, tiny_checkpoint):
+    out = doctor(tmp_path, "--ckpt_dir", str(tiny_checkpoint), "--model-parallel-size", "2", "--no-bandwidth",
+                 "--dtypes", "float32", "--no-int8", "--prefill", "16")
+    assert "model parallel 2" in out and "96x64" in out and "64x96" in out and "160x64" in out
+    assert "== Prefill (16 rows" in out and "GFLOP/s" in out

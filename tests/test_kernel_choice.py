@@ -1,0 +1,333 @@
+"""Kernels chosen by measurement (llama/kernel_choice.py): overrides, the per-machine cache,
+threads, and agreement of every kernel the chooser may pick with dense float32."""
+
+import json
+
+import pytest
+import torch
+
+from llama import kernel_choice, linear_kernels
+from llama.checkpoint import random_state_dict
+from llama.model import ModelArgs, Transformer
+from llama.packed_linear import is_packed, packing_supported
+from llama.parallel_layers import linear_layers
+from llama.quantize import quantize_model
+
+CPU = torch.device("cpu")
+CONFIGS = {  # tests/test_model.py's
+    "plain": dict(dim=128, n_layers=3, n_heads=4, multiple_of=64, vocab_size=300, norm_eps=1e-5),
+    "gqa": dict(
+        dim=128, n_layers=3, n_heads=8, n_kv_heads=2, multiple_of=32, ffn_dim_multiplier=1.3,
+        rope_theta=1e6, vocab_size=300, norm_eps=1e-6,
+    ),
+}
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Every test gets its own empty cache and no override from the environment."""
+    monkeypatch.setenv(kernel_choice.CACHE_ENV, str(tmp_path / "kernels.json"))
+    monkeypatch.delenv(kernel_choice.KERNELS_ENV, raising=False)
+    return tmp_path / "kernels.json"
+
+
+@pytest.fixture
+def fake_timer(monkeypatch):
+    """Replace the measurement by one that counts its calls and always finds ``fast`` fastest."""
+    state = {"calls": 0, "fast": None}
+
+    def fake(shape, dtype, names, batches=kernel_choice.DECODE_BATCHES, stream_bytes=None, seed=0):
+        state["calls"] += 1
+        fast = state["fast"] if state["fast"] in names else names[-1]
+        return {n: {b: (1.0 if n == fast else 2.0) * 1e-3 for b in batches} for n in names}
+
+    monkeypatch.setattr(kernel_choice, "time_kernels", fake)
+    return state
+
+
+def model(name="plain", dtype=torch.float32, std=0.1):
+    args = ModelArgs(**CONFIGS[name], max_seq_len=64, max_batch_size=2)
+    m = Transformer(args, dtype=dtype)
+    m.load_state_dict({k: v.to(dtype) for k, v in random_state_dict(args, seed=1, std=std).items()})
+    return args, m.requires_grad_(False)
+
+
+def kernels_of(m):
+    return {linear_kernels.name_of(layer.kernel) for _, layer in linear_layers(m)}
+
+
+SHAPES = [("float", (64, 32)), ("float", (32, 64)), ("float", (64, 32))]  # one repeated
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+@pytest.mark.parametrize("override", ["dense", "packed"])
+def test_override_is_deterministic_and_measures_nothing(override, fake_timer, monkeypatch):
+    if override == "packed" and not packing_supported(CPU, torch.float32):
+        pytest.skip("no oneDNN packing in this torch build")
+    for how in ("argument", "env"):
+        if how == "env":
+            monkeypatch.setenv(kernel_choice.KERNELS_ENV, override)
+            parsed = kernel_choice.check_override(None, None, CPU, torch.float32, None)
+        else:
+            parsed = kernel_choice.check_override(override, None, CPU, torch.float32, None)
+        for _ in range(2):
+            _, m = model()
+            plan = kernel_choice.plan_for(m, CPU, torch.float32, parsed)
+            kernel_choice.apply(m, plan)
+            assert kernels_of(m) == {override}
+            assert {c.source for c in plan.choices.values()} == {"override"}
+    assert fake_timer["calls"] == 0
+
+
+def test_pack_weights_is_an_override():
+    assert kernel_choice.resolve_override(None, True) == ({"float": "packed"}, "pack_weights=")
+    assert kernel_choice.resolve_override(None, False) == ({"float": "dense"}, "pack_weights=")
+    with pytest.raises(ValueError, match="not both"):
+        kernel_choice.resolve_override("dense", True)
+
+
+def test_parse_override():
+    assert kernel_choice.parse_override(None) == {} and kernel_choice.parse_override("auto") == {}
+    assert kernel_choice.parse_override("packed, int8-fp32") == {"float": "packed", "int8": "int8-fp32"}
+    with pytest.raises(ValueError, match="unknown kernel"):
+        kernel_choice.parse_override("fast")
+    with pytest.raises(ValueError, match="name one"):
+        kernel_choice.parse_override("dense,packed")
+
+
+def test_build_override_must_apply_env_override_need_not():
+    with pytest.raises(ValueError, match="exclude each other"):
+        kernel_choice.check_override("packed", None, CPU, torch.float32, "int8")
+    with pytest.raises(ValueError, match="quantize='int8'"):
+        kernel_choice.check_override("int8", None, CPU, torch.float32, None)
+    unpackable = [d for d in (torch.float16, torch.bfloat16) if not packing_supported(CPU, d)]
+    if unpackable:
+        with pytest.raises(ValueError, match="float32 on the CPU"):
+            kernel_choice.check_override(None, True, CPU, unpackable[0], None)
+
+
+def test_env_override_for_a_layout_the_model_lacks_is_ignored(monkeypatch):
+    monkeypatch.setenv(kernel_choice.KERNELS_ENV, "packed")
+    assert kernel_choice.check_override(None, None, CPU, torch.float32, "int8") == {}
+    monkeypatch.setenv(kernel_choice.KERNELS_ENV, "dense,int8-fp32")
+    assert kernel_choice.check_override(None, None, CPU, torch.float32, "int8") == {"int8": "int8-fp32"}
+
+
+def test_compile_and_non_cpu_devices_keep_the_default(fake_timer):
+    plan = kernel_choice.choose(SHAPES, CPU, torch.float32, compile=True)
+    assert {c.kernel for c in plan.choices.values()} == {"dense"}
+    plan = kernel_choice.choose(SHAPES, torch.device("meta"), torch.float32)
+    assert {c.kernel for c in plan.choices.values()} == {"dense"} and fake_timer["calls"] == 0
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def test_measures_once_then_uses_the_cache(fake_timer, private_cache):
+    if not packing_supported(CPU, torch.float32):
+        pytest.skip("one candidate only: nothing is measured")
+    fake_timer["fast"] = "packed"
+    plan = kernel_choice.choose(SHAPES, CPU, torch.float32, stream_bytes=1 << 20)
+    assert fake_timer["calls"] == 2 and len(plan.choices) == 2  # the repeated shape is measured once
+    assert {c.source for c in plan.choices.values()} == {"measured"} and {c.kernel for c in plan.choices.values()} == {"packed"}
+    fake_timer["fast"] = "dense"  # a second measurement would now pick dense: the cache must win
+    again = kernel_choice.choose(SHAPES, CPU, torch.float32, stream_bytes=1 << 20)
+    assert fake_timer["calls"] == 2 and {c.source for c in again.choices.values()} == {"cached"}
+    assert {c.kernel for c in again.choices.values()} == {"packed"}
+    entries = json.loads(private_cache.read_text())["entries"]
+    assert len(entries) == 2 and all(e["facts"]["cpu"] == kernel_choice.cpu_facts()["model"] for e in entries.values())
+    remeasured = kernel_choice.choose(SHAPES, CPU, torch.float32, stream_bytes=1 << 20, remeasure=True)
+    assert fake_timer["calls"] == 4 and {c.kernel for c in remeasured.choices.values()} == {"dense"}
+
+
+@pytest.mark.parametrize("change", ["cpu model", "cpu id", "cpu flags", "torch version", "threads"])
+def test_a_choice_cached_elsewhere_is_ignored(change, fake_timer, monkeypatch):
+    if not packing_supported(CPU, torch.float32):
+        pytest.skip("one candidate only: nothing is measured")
+    fake_timer["fast"] = "packed"
+    kernel_choice.choose(SHAPES, CPU, torch.float32, stream_bytes=1 << 20)
+    assert fake_timer["calls"] == 2
+    facts = dict(kernel_choice.cpu_facts())
+    if change == "cpu model":
+        facts["model"] = "Some Other CPU"
+    elif change == "cpu id":
+        facts["id"] = "family 25 model 1 stepping 1"
+    elif change == "cpu flags":
+        facts["flags"] = [f for f in facts["flags"] if f != "avx2"] + ["amx_bf16"]
+    if change.startswith("cpu"):
+        monkeypatch.setattr(kernel_choice, "cpu_facts", lambda: facts)
+    elif change == "torch version":
+        monkeypatch.setattr(torch, "__version__", "0.0.1-other")
+    else:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        fake_timer["fast"] = "dense"
+        plan = kernel_choice.choose(SHAPES, CPU, torch.float32, stream_bytes=1 << 20)
+    finally:
+        if change == "threads":
+            torch.set_num_threads(threads)
+    assert fake_timer["calls"] == 4  # measured again, not taken from the other machine's entries
+    assert {c.source for c in plan.choices.values()} == {"measured"} and {c.kernel for c in plan.choices.values()} == {"dense"}
+
+
+def test_a_tampered_or_broken_cache_is_ignored(fake_timer, private_cache):
+    if not packing_supported(CPU, torch.float32):
+        pytest.skip("one candidate only: nothing is measured")
+    fake_timer["fast"] = "packed"
+    kernel_choice.choose(SHAPES[:1], CPU, torch.float32, stream_bytes=1 << 20)
+    data = json.loads(private_cache.read_text())
+    (entry,) = data["entries"].values()
+    entry["facts"]["cpu"] = "Some Other CPU"  # a key that does not match what the entry says
+    private_cache.write_text(json.dumps(data))
+    kernel_choice.choose(SHAPES[:1], CPU, torch.float32, stream_bytes=1 << 20)
+    assert fake_timer["calls"] == 2
+    private_cache.write_text("{not json")
+    kernel_choice.choose(SHAPES[:1], CPU, torch.float32, stream_bytes=1 << 20)
+    assert fake_timer["calls"] == 3 and json.loads(private_cache.read_text())["version"] == kernel_choice.CACHE_VERSION
+
+
+def test_pick_keeps_the_default_unless_clearly_faster():
+    t = {"dense": {1: 1.00, 8: 1.00}, "packed": {1: 0.99, 8: 0.99}}
+    assert kernel_choice.pick(t, "dense") == "dense"  # 1% faster: within the margin
+    t["packed"] = {1: 0.90, 8: 0.95}
+    assert kernel_choice.pick(t, "dense") == "packed"
+    t["packed"] = {1: 0.80, 8: 1.30}  # faster at batch 1, much slower at batch 8
+    assert kernel_choice.pick(t, "dense") == "dense"
+
+
+def test_real_measurement_times_every_candidate():
+    names = kernel_choice.candidates(CPU, torch.float32, "float")
+    timings = kernel_choice.time_kernels((96, 64), torch.float32, names, stream_bytes=1 << 16)
+    assert set(timings) == set(names) and all(0 < t < 1 for per in timings.values() for t in per.values())
+    int8 = kernel_choice.time_kernels((96, 64), torch.float32, ["int8", "int8-fp32"], batches=(1,))
+    assert all(0 < per[1] < 1 for per in int8.values())
+
+
+# ----------------------------------------------------------------------------- threads
+
+
+def test_threads_respect_the_user_and_fix_only_torchs_default(monkeypatch):
+    threads = torch.get_num_threads()
+    facts = dict(kernel_choice.cpu_facts(), physical_cores=threads + 2, logical_cpus=threads + 2, usable_cores=1)
+    monkeypatch.setattr(kernel_choice, "cpu_facts", lambda: facts)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    try:
+        torch.set_num_threads(threads + 2)  # torch's default on this (pretend) machine
+        monkeypatch.setenv("OMP_NUM_THREADS", str(threads + 2))
+        assert "OMP_NUM_THREADS" in kernel_choice.settle_threads() and torch.get_num_threads() == threads + 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert "may use" in kernel_choice.settle_threads() and torch.get_num_threads() == 1  # affinity/quota: 1 core
+        torch.set_num_threads(threads + 1)  # the user's choice
+        assert "set_num_threads" in kernel_choice.settle_threads() and torch.get_num_threads() == threads + 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cpu_facts():
+    facts = kernel_choice.cpu_facts()
+    assert facts["model"] and facts["physical_cores"] >= 1 and facts["usable_cores"] >= 1
+    assert set(facts["flags"]) <= set(kernel_choice.FLAGS)
+    assert kernel_choice.read_bandwidth(CPU, repeats=2, nbytes=1 << 24) > 1e8
+
+
+# ----------------------------------------------------------------------------- agreement with dense float32
+
+
+def rel_error(got, ref):
+    return ((got.float() - ref).norm() / ref.norm()).item()
+
+
+def every_pickable():
+    """(dtype, quantized, kernel, tolerance on the relative logits error vs dense float32)."""
+    cases = []
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 0.03)):
+        for name in kernel_choice.candidates(CPU, dtype, "float"):
+            cases.append((dtype, False, name, tol))
+    for name in kernel_choice.candidates(CPU, torch.float32, "int8"):
+        cases.append((torch.float32, True, name, 0.05))
+    return cases
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+@pytest.mark.parametrize("dtype,quantized,kernel,tol", every_pickable(), ids=lambda v: str(v).removeprefix("torch."))
+def test_every_kernel_gives_dense_float32_logits(config, dtype, quantized, kernel, tol):
+    args, reference = model(config)
+    tokens = torch.randint(0, args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = reference.forward(tokens, 0)
+    _, m = model(config, dtype)
+    if quantized:
+        quantize_model(m)
+    plan = kernel_choice.choose(kernel_choice.plan_shapes(m), CPU, dtype, {"int8" if quantized else "float": kernel})
+    kernel_choice.apply(m, plan)
+    assert kernels_of(m) == {kernel} and is_packed(m) == (kernel == "packed")
+    with torch.inference_mode():
+        got = m.forward(tokens, 0)
+    err = rel_error(got, want)
+    print(f"{config} {dtype} {kernel}: relative logits error vs dense float32 {err:.2e}")
+    assert err < tol
+    # decoding reads the same kernels: one step after the prompt agrees too
+    with torch.inference_mode():
+        step = m.forward(tokens[:, :1], 24)
+        want_step = reference.forward(tokens[:, :1], 24)
+    assert rel_error(step, want_step) < tol
+
+
+def test_apply_switches_layouts_both_ways():
+    if not packing_supported(CPU, torch.float32):
+        pytest.skip("no oneDNN packing in this torch build")
+    args, m = model()
+    tokens = torch.tensor([[1, 40, 41, 42, 43]])
+    with torch.inference_mode():
+        before = m.forward(tokens, 0)
+    shapes = kernel_choice.plan_shapes(m)
+    for kernel in ("packed", "dense", "packed"):
+        kernel_choice.apply(m, kernel_choice.choose(shapes, CPU, torch.float32, {"float": kernel}))
+        assert kernels_of(m) == {kernel} and m.kernel_plan.kernel(*shapes[0]) == kernel
+        with torch.inference_mode():
+            assert torch.allclose(m.forward(tokens, 0), before, atol=1e-4)
+    quantize_model(m)  # unpacks each layer as it goes
+    shapes = kernel_choice.plan_shapes(m)
+    for kernel in ("int8-fp32", "int8"):
+        assert kernel_choice.apply(m, kernel_choice.choose(shapes, CPU, torch.float32, {"int8": kernel})) == 7 * args.n_layers + 1
+        assert kernels_of(m) == {kernel}
+
+
+# ----------------------------------------------------------------------------- model parallel
+
+RANKS_WORKER = """
+import os, sys
+from llama import Llama, kernel_choice, linear_kernels
+from llama.parallel_layers import linear_layers
+# rank 0 picks dense, rank 1 would pick packed wherever it can: both must run rank 0's kernels
+kernel_choice.pick = lambda timings, default: "packed" if "packed" in timings and os.environ["RANK"] == "1" else default
+llama = Llama.build(sys.argv[1], sys.argv[2], 32, 1, device="cpu")
+kernels = sorted({linear_kernels.name_of(layer.kernel) for _, layer in linear_layers(llama.model)})
+print("RESULT", os.environ["RANK"], kernels, llama.model.kernel_plan.as_dict()["choices"], flush=True)
+"""
+
+
+def test_every_rank_runs_rank0s_choice(tmp_path, tiny_checkpoint, tiny_tokenizer_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    script = tmp_path / "worker.py"
+    script.write_text(RANKS_WORKER)
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1",
+           kernel_choice.CACHE_ENV: str(tmp_path / "kernels.json")}
+    env.pop(kernel_choice.KERNELS_ENV, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), str(tiny_checkpoint), str(tiny_tokenizer_path)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=repo)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    lines = sorted(line.split(" ", 2)[1:] for line in result.stdout.splitlines() if line.startswith("RESULT"))
+    assert [rank for rank, _ in lines] == ["0", "1"]
+    assert lines[0][1] == lines[1][1]  # the same kernels and plan on both ranks: rank 0's
+    assert lines[0][1].startswith("['dense']")
