@@ -23,6 +23,11 @@ Workloads (exactly ``new`` tokens per row: EOS never occurs):
 Reported: seconds per workload (median of ``--repeats``, each after a warm-up run),
 tokens/s, the ratio of ours to each peer, and whether the tokens are the same.
 
+``--paired`` measures the ``equal_*`` decode rates of ours and lockstep in one process
+instead (the old package imported as ``llama_lockstep``), alternating the two call by
+call, so that a change in machine load hits both alike: the figure to trust for a 5%
+difference on a shared machine.
+
     python benchmarks/mixed.py --shape 110m --threads 2 --repeats 2 --out benchmarks/results/cpu_110m_mixed.json
     python benchmarks/mixed.py --shape tiny --repeats 1            # smoke test
 """
@@ -135,13 +140,50 @@ def child(args) -> None:
     print(json.dumps(results))
 
 
+def paired_child(args) -> None:
+    """``equal_*`` decode rates of ours and lockstep, alternating call by call in this one process."""
+    import importlib
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, args.package_root)  # holds llama_lockstep/, the baseline package renamed
+    from llama import Llama
+
+    old = importlib.import_module("llama_lockstep")
+    work = json.loads(Path(args.workloads).read_text())
+    results = {"origin": f"{Path(Llama.__module__).name} and {old.__file__}"}
+    for name in args.only.split(","):
+        w = work[name]
+        built = {}
+        for impl, cls in (("ours", Llama), ("lockstep", old.Llama)):
+            built[impl] = cls.build(args.ckpt_dir, args.tokenizer, 512, w["batch"], device="cpu", dtype="float32")
+            built[impl].tokenizer = NoEosTokenizer()
+            built[impl].generate(w["prompts"], 2, temperature=0.0)  # warm-up
+        times = {impl: {"one": [], "all": []} for impl in built}
+        tokens = {}
+        for _ in range(args.repeats):
+            for impl, llama in built.items():
+                start = time.perf_counter()
+                llama.generate(w["prompts"], 1, temperature=0.0)
+                times[impl]["one"].append(time.perf_counter() - start)
+                start = time.perf_counter()
+                tokens[impl], _ = llama.generate(w["prompts"], w["new"], temperature=0.0)
+                times[impl]["all"].append(time.perf_counter() - start)
+        for impl in built:
+            results.setdefault(impl, {})[name] = {"seconds": times[impl]["all"], "one_token_seconds": times[impl]["one"],
+                                                  "tokens": tokens[impl]}
+        del built
+    print(json.dumps(results))
+
+
 def run_child(impl: str, args, paths: dict, workloads_file: Path, package_root: str, only: str) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", impl, "--workloads", str(workloads_file),
            "--ckpt-dir", paths["ckpt_dir"], "--tokenizer", paths["tokenizer"], "--hf-dir", paths.get("hf_dir", ""),
            "--threads", str(args.threads), "--repeats", str(args.repeats), "--only", only]
     if package_root:
         cmd += ["--package-root", package_root]
-    env = dict(os.environ, PYTHONPATH=package_root or str(REPO))
+    env = dict(os.environ, PYTHONPATH=(package_root if impl == "lockstep" else "") or str(REPO))
     start = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
@@ -162,15 +204,18 @@ def main(argv=None) -> int:
     p.add_argument("--baseline", default=BASELINE, help="git revision of the lockstep decoder (default %(default)s)")
     p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of %(default)s")
     p.add_argument("--only", default="pair,sixteen,sixty_four,equal_1,equal_8", help="comma-separated workloads")
+    p.add_argument("--paired", action="store_true", help="equal_* decode of ours and lockstep alternating in one process")
     p.add_argument("--out", type=Path)
-    p.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=IMPLS + ("paired",), help=argparse.SUPPRESS)
     for hidden in ("--workloads", "--ckpt-dir", "--tokenizer", "--hf-dir", "--package-root", "--impl"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         args.impl = args.child
-        child(args)
+        paired_child(args) if args.child == "paired" else child(args)
         return 0
+    if args.paired:
+        args.impls, args.only = "ours,lockstep", ",".join(n for n in args.only.split(",") if n.startswith("equal"))
 
     import torch
 
@@ -188,8 +233,16 @@ def main(argv=None) -> int:
             os.makedirs(baseline_root)
             archive = subprocess.run(["git", "-C", str(REPO), "archive", args.baseline, "llama"], capture_output=True, check=True)
             subprocess.run(["tar", "-x", "-C", baseline_root], input=archive.stdout, check=True)
-        raw = {impl: run_child(impl, args, paths, workloads_file, baseline_root if impl == "lockstep" else "", args.only)
-               for impl in impls}
+        if args.paired:  # the baseline as package llama_lockstep (its custom operator renamed to match)
+            renamed = Path(baseline_root) / "llama_lockstep"
+            (Path(baseline_root) / "llama").rename(renamed)
+            for f in renamed.glob("*.py"):
+                f.write_text(f.read_text().replace('"llama::', '"llama_lockstep::'))
+            paired = run_child("paired", args, paths, workloads_file, baseline_root, args.only)
+            raw = {impl: paired[impl] for impl in impls}
+        else:
+            raw = {impl: run_child(impl, args, paths, workloads_file, baseline_root if impl == "lockstep" else "", args.only)
+                   for impl in impls}
 
     rows = []
     for name in args.only.split(","):
@@ -211,7 +264,7 @@ def main(argv=None) -> int:
         rows.append(row)
 
     result = {"benchmark": "mixed", "shape": args.shape, "threads": args.threads, "repeats": args.repeats,
-              "baseline": args.baseline, "results": rows, "machine": machine(torch.device("cpu"), args.threads)}
+              "baseline": args.baseline, "paired": args.paired, "results": rows, "machine": machine(torch.device("cpu"), args.threads)}
     print()
     print(f"{args.shape}, float32, {args.threads} threads, {result['machine']['cpu']}; median of {args.repeats}; "
           f"lockstep = {args.baseline}")

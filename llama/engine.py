@@ -454,8 +454,9 @@ class Engine:
         logits = self.runner.decode(tokens, positions)
         for request in decoding:
             request.num_cached += 1
-        rows = torch.tensor([r.slot for r in decoding], device=logits.device)
-        self._sample(decoding, logits[rows], outputs)
+        if len(decoding) < n:  # some rows in front of the last one are not decoding
+            logits = logits[torch.tensor([r.slot for r in decoding], device=logits.device)]
+        self._sample(decoding, logits, outputs)
 
     def _sample(self, requests: List[Request], logits: torch.Tensor, outputs: List[RequestOutput]) -> None:
         """Pick each request's next token from its logits row (float32, (len(requests), vocab))."""

@@ -52,7 +52,11 @@ def register_packed(weight: torch.Tensor) -> int:
 
 
 def _pointwise(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    return _LINEAR_POINTWISE(x, weight, None, "none", [], "")
+
+
+# Looked up once: ``torch.ops`` resolves each attribute anew, a cost paid ~100 times per decode step.
+_LINEAR_POINTWISE = torch.ops.mkldnn._linear_pointwise if hasattr(torch.ops.mkldnn, "_linear_pointwise") else None
 
 
 @torch.library.custom_op("llama::packed_linear", mutates_args=())
@@ -73,7 +77,7 @@ def packed(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """``x @ layer.weight.T`` for a oneDNN-packed weight (handle in ``layer.packed_handle``)."""
     if torch.compiler.is_compiling():  # never touch the untraceable weight while tracing
         return packed_linear(x, layer.packed_handle, layer.packed_out_features)
-    return _pointwise(x, layer.weight)
+    return _LINEAR_POINTWISE(x, layer.weight, None, "none", [], "")
 
 
 # ----------------------------------------------------------------------------- int8 weight-only

@@ -128,20 +128,24 @@ def load_quantized(
     (memory-mapped) to int8 on ``device`` a chunk of rows at a time, and the source pages
     it read are released right after: at no point is the float model held whole.
     """
-    from .checkpoint import to_target
+    from . import progress
+    from .checkpoint import rank_bytes, to_target
 
     check_mode(mode)
     swap_to_int8(model, scale_dtype_for(device, dtype))
     state: Dict[str, torch.Tensor] = {}
-    for key, t in source.state_dict_for_rank(rank, world):
-        if is_quantized_key(key):
-            q, scales = quantize_weight(t, device=device, scale_dtype=scale_dtype_for(device, dtype))
-            state[key] = q
-            state[key[: -len("weight")] + "scales"] = scales
-        else:
-            state[key] = to_target(t, device, dtype)
-        del t
-        source.release(key, keep=state[key])
+    total = rank_bytes(source.args, rank, world, lambda key: 1 if is_quantized_key(key) else dtype.itemsize)
+    with progress.for_loading(source, total) as shown:
+        for key, t in source.state_dict_for_rank(rank, world):
+            if is_quantized_key(key):
+                q, scales = quantize_weight(t, device=device, scale_dtype=scale_dtype_for(device, dtype))
+                state[key] = q
+                state[key[: -len("weight")] + "scales"] = scales
+            else:
+                state[key] = to_target(t, device, dtype)
+            del t
+            source.release(key, keep=state[key])
+            shown.update(state[key].nbytes)
     model.load_state_dict(state, strict=True, assign=True)
     for p in model.parameters():
         p.requires_grad_(False)
