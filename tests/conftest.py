@@ -27,6 +27,16 @@ from helpers import TRAINING_TEXT, make_checkpoint  # noqa: E402
 from llama.demo import train_tokenizer  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and far faster than with several on a busy machine.
+    A module that runs them says ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_path(tmp_path_factory) -> Path:
     """A 320-piece BPE tokenizer with byte fallback, trained on a few paragraphs."""

@@ -10,7 +10,6 @@ Expected ids are built from the format's rules (or hard-coded), never with
 """
 
 import pytest
-import torch
 
 from llama import Llama
 from llama.chat_format import (
@@ -49,13 +48,7 @@ LITERAL_SYSTEM = (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster than with several on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
-import torch
 
 from helpers import make_checkpoint
 
@@ -27,13 +26,7 @@ TEXTS = ["héllo wörld", "日本語のテキスト", "emoji 😀👍🏽 ok", "
 PROMPTS = ["The river", "日本語 😀 café", "naïve Ærø — ünïcode", "Numbers: 3.14159"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def sp_model(path) -> spm.SentencePieceProcessor:
