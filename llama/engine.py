@@ -31,7 +31,6 @@ each step before anyone schedules.
 import collections
 import itertools
 import threading
-import time
 from dataclasses import dataclass
 from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -160,9 +159,6 @@ class Request:
         self.collect = False  # keep outputs in .outputs (for callers that poll rather than get a callback)
         self.outputs: Deque[RequestOutput] = collections.deque()
         self.order = -1  # place in the engine's arrival order (the same on every rank)
-        self.arrival_time = time.monotonic()
-        self.first_token_time: Optional[float] = None
-        self.finish_time: Optional[float] = None
         self._reported = 0  # tokens reported in outputs so far
 
     @property
@@ -255,7 +251,6 @@ class Engine:
         self._wakeup = threading.Event()
         self._ids = itertools.count()
         self._arrivals = itertools.count()  # order of arrival: scheduling never reads a clock
-        self.counters = collections.Counter()  # steps, prompt/generated tokens, requests by finish reason
 
     # -- requests -------------------------------------------------------------------------
 
@@ -350,7 +345,6 @@ class Engine:
         self._admit(outputs)
         self._prefill(outputs)
         self._decode(outputs)
-        self.counters["steps"] += 1
         return outputs
 
     def _apply(self, commands: List[tuple], outputs: List[RequestOutput]) -> None:
@@ -406,7 +400,6 @@ class Engine:
                 logit_index.append(offset + length - 1)
             budget -= length
         logits = self.runner.prefill(tokens, Segments(rows, starts, lengths), logit_index)
-        self.counters["prompt_tokens"] += len(tokens)
         ready, ready_rows = [], []
         for request, start, length, first in plan:
             request.num_cached = start + length
@@ -480,15 +473,11 @@ class Engine:
                 for j, i in enumerate(scored):
                     n = requests[i].params.top_logprobs
                     tops[i] = dict(zip(ids[j, :n].tolist(), values[j, :n].tolist()))
-        now = time.monotonic()
         for i, (request, token) in enumerate(zip(requests, tokens)):
-            if request.first_token_time is None:
-                request.first_token_time = now
             if token == self.tokenizer.eos_id:
                 self._finish(request, "eos", outputs)
                 continue
             request.output_tokens.append(token)
-            self.counters["generated_tokens"] += 1
             if request.logprobs is not None:
                 request.logprobs.append(chosen[i])
             if request.top_logprobs is not None:
@@ -505,14 +494,12 @@ class Engine:
         if request.stream is not None and reason != "abort":
             text += request.stream.finish()
         request.finish_reason = reason
-        request.finish_time = time.monotonic()
         if request.slot is not None:
             self.slots[request.slot] = None
             request.slot = None
         if request in self.waiting:
             self.waiting.remove(request)
         self.requests.pop(request.request_id, None)
-        self.counters[f"finished_{reason}"] += 1
         self._report(request, text, outputs)
 
     def _report(self, request: Request, text: str, outputs: List[RequestOutput]) -> None:

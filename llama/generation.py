@@ -157,7 +157,6 @@ class Llama:
             llama.compile()
         return llama
 
-
     def __init__(
         self,
         model: Transformer,
@@ -284,12 +283,17 @@ class Llama:
         """
         self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p)
         params = SamplingParams(temperature, top_p, max_gen_len, logprobs=logprobs, echo=echo)
-        requests = self._run(prompt_tokens, params, detokenize=False)
-        out_tokens = [(list(p) if echo else []) + r.generated for p, r in zip(prompt_tokens, requests)]
-        if not logprobs:
-            return out_tokens, None
-        out_logprobs = [(r.prompt_logprobs if echo else []) + r.generated_logprobs for r in requests]
-        return out_tokens, out_logprobs
+        return self._returned(prompt_tokens, self._run(prompt_tokens, params, detokenize=False), params)
+
+    @staticmethod
+    def _returned(prompt_tokens, requests: List[Request], params: SamplingParams):
+        """Per request the tokens ``generate`` returns (the prompt first with ``echo``) and
+        their log-probabilities (None without ``logprobs``)."""
+        echo = params.echo
+        tokens = [(list(p) if echo else []) + r.generated for p, r in zip(prompt_tokens, requests)]
+        if not params.logprobs:
+            return tokens, None
+        return tokens, [(r.prompt_logprobs if echo else []) + r.generated_logprobs for r in requests]
 
     def _check_generate_args(self, prompt_tokens, max_gen_len, temperature, top_p, stop=()) -> None:
         """Raise ValueError on bad arguments, or unless every rank passed the same ones."""
@@ -316,11 +320,7 @@ class Llama:
         params = SamplingParams(temperature, top_p, max_gen_len, tuple(stop), logprobs=logprobs, echo=echo)
         requests = self._run(prompt_tokens, params, detokenize=True)
         texts = [(self.tokenizer.decode(p) if echo else "") + r.text for p, r in zip(prompt_tokens, requests)]
-        tokens = [(list(p) if echo else []) + r.generated for p, r in zip(prompt_tokens, requests)]
-        probs = None
-        if logprobs:
-            probs = [(r.prompt_logprobs if echo else []) + r.generated_logprobs for r in requests]
-        return texts, tokens, probs
+        return (texts, *self._returned(prompt_tokens, requests, params))
 
     def text_completion(
         self,

@@ -42,7 +42,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from . import linear_kernels, packed_linear
+from . import distributed, linear_kernels, packed_linear
 from .parallel_layers import linear_layers
 
 KERNELS_ENV = "LLAMA_KERNELS"
@@ -229,7 +229,7 @@ def settle_threads() -> str:
 
 
 def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
+    if distributed.is_cuda(device):
         torch.cuda.synchronize(device)
 
 
@@ -237,7 +237,7 @@ def read_bandwidth(device: torch.device = torch.device("cpu"), repeats: int = 7,
     """Read bandwidth in bytes/s: best of ``repeats`` sums of a float32 array of ``nbytes``
     (default 1 GiB on the CPU, 4 GiB on a GPU), written first so that every page is there."""
     device = torch.device(device)
-    nbytes = nbytes or (4 << 30 if device.type == "cuda" else 1 << 30)
+    nbytes = nbytes or (4 << 30 if distributed.is_cuda(device) else 1 << 30)
     x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     x.sum()
     best = float("inf")
@@ -619,8 +619,6 @@ def apply(model: nn.Module, plan: Plan, on_packed=None) -> int:
 
 def agree(model: nn.Module) -> Plan:
     """Rank 0's plan (the one :func:`apply` gave ``model`` there) on every rank; all ranks call it."""
-    from . import distributed
-
     plan = model.kernel_plan
     if distributed.world_size() == 1:
         return plan

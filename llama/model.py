@@ -200,17 +200,20 @@ class KVCache(nn.Module):
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.layers = nn.ModuleList(LayerCache(shape, device, dtype) for _ in range(params.n_layers))
 
-    def nbytes(self) -> int:
-        return sum(layer.cache_k.nbytes + layer.cache_v.nbytes for layer in self.layers)
-
 
 class Segments(NamedTuple):
     """Where the tokens of a prefill go: sequence ``i`` is ``lengths[i]`` consecutive
-    tokens of the flattened input, written to cache row ``rows[i]`` from position ``starts[i]``."""
+    tokens of the flattened input, written to cache row ``rows[i]`` from position ``starts[i]``.
+
+    ``masks[i]`` (set by :meth:`Transformer.prefill`, once for all layers): None for a
+    sequence that starts at position 0 (causal), else which cached positions each of its
+    queries sees.
+    """
 
     rows: List[int]
     starts: List[int]
     lengths: List[int]
+    masks: Optional[List[Optional[torch.Tensor]]] = None
 
 
 class DecodeRows(NamedTuple):
@@ -219,12 +222,14 @@ class DecodeRows(NamedTuple):
     ``mask`` (bsz, 1, 1, kv_len): the cached positions each row attends to (``<= positions[i]``).
     ``same_position``: when every row is at this one position (eager only), the write is
     a slice and attention needs no mask: the common case costs what it did before rows
-    had positions of their own.
+    had positions of their own. ``rows``: ``arange(bsz)``, made once per step for the
+    per-row writes.
     """
 
     positions: torch.Tensor
     mask: Optional[torch.Tensor]
     same_position: Optional[int] = None
+    rows: Optional[torch.Tensor] = None
 
 
 class Attention(nn.Module):
@@ -302,24 +307,20 @@ class Attention(nn.Module):
         elif isinstance(batch, DecodeRows):
             # Write each row's new key and value at its own position, into the full buffers
             # (a write into a view of them is copied out and back under torch.compile).
-            rows = torch.arange(bsz, device=x.device)
-            cache.cache_k[rows, :, batch.positions] = xk[:, 0]  # (bsz, kv_heads, head_dim)
-            cache.cache_v[rows, :, batch.positions] = xv[:, 0]
+            cache.cache_k[batch.rows, :, batch.positions] = xk[:, 0]  # (bsz, kv_heads, head_dim)
+            cache.cache_v[batch.rows, :, batch.positions] = xv[:, 0]
             kv_len = batch.mask.shape[-1]
             keys, values = cache.cache_k[:bsz, :, :kv_len], cache.cache_v[:bsz, :, :kv_len]
             output = self._attend(xq.transpose(1, 2), keys, values, batch.mask)
         elif isinstance(batch, Segments):
             outputs, offset = [], 0
-            for row, start, length in zip(*batch):
+            for row, start, length, mask in zip(*batch):
                 end = start + length
                 # (length, kv_heads, head_dim) -> (kv_heads, length, head_dim)
                 cache.cache_k[row, :, start:end] = xk[0, offset : offset + length].transpose(0, 1)
                 cache.cache_v[row, :, start:end] = xv[0, offset : offset + length].transpose(0, 1)
                 q = xq[:, offset : offset + length].transpose(1, 2)  # (1, heads, length, head_dim)
                 keys, values = cache.cache_k[row : row + 1, :, :end], cache.cache_v[row : row + 1, :, :end]
-                mask = None
-                if start > 0:  # a chunk continuing a cached prefix: query i sees keys 0..start + i
-                    mask = torch.ones(length, end, dtype=torch.bool, device=x.device).tril(start)[None, None]
                 outputs.append(self._attend(q, keys, values, mask))
                 offset += length
             output = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
@@ -429,16 +430,23 @@ class Transformer(nn.Module):
         every token when it is None. The matrix products see all T tokens at once.
         """
         cache = self._check_cache()
-        for row, start, length in zip(*segments):
+        for row, start, length in zip(segments.rows, segments.starts, segments.lengths):
             if not 0 <= row < cache.max_batch_size:
                 raise ValueError(f"cache row {row} does not exist (max_batch_size={cache.max_batch_size})")
             if start < 0 or length < 1 or start + length > cache.max_seq_len:
                 raise ValueError(
                     f"positions {start}..{start + length - 1} exceed max_seq_len={cache.max_seq_len}"
                 )
-        positions = torch.cat(
-            [torch.arange(start, start + length, device=tokens.device) for _, start, length in zip(*segments)]
-        )
+        spans = list(zip(segments.starts, segments.lengths))
+        positions = torch.cat([torch.arange(start, start + length, device=tokens.device) for start, length in spans])
+        # Made once for every layer. A chunk continuing a cached prefix: its query i sees keys
+        # 0..start + i, (1, 1, length, start + length); one from position 0 is plain causal.
+        masks = [
+            None if start == 0
+            else torch.ones(length, start + length, dtype=torch.bool, device=tokens.device).tril(start)[None, None]
+            for start, length in spans
+        ]
+        segments = segments._replace(masks=masks)
         h = self._run_layers(self.tok_embeddings(tokens[None]), positions[None], segments)[0]  # (T, dim)
         if logit_index is not None:
             h = h[logit_index]
@@ -464,7 +472,7 @@ class Transformer(nn.Module):
             kv_len = cache.max_seq_len if kv_len is None else kv_len
             # (bsz, kv_len) -> (bsz, 1, 1, kv_len): broadcast over heads and queries
             mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
-            batch = DecodeRows(positions, mask)
+            batch = DecodeRows(positions, mask, rows=torch.arange(tokens.shape[0], device=tokens.device))
         h = self._run_layers(self.tok_embeddings(tokens), positions[:, None], batch)
         return self.output(h)[:, -1].float()
 

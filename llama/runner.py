@@ -11,7 +11,7 @@ no prompt or generation length ever recompiles it).
 import time
 import types
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -116,7 +116,6 @@ class ModelRunner:
             model.cache = KVCache(model.params, max_batch_size, max_seq_len, self.device, dtype)
         self._decode_step = None  # compiled one-token step, see compile()
         self.compiled_batch_sizes: List[int] = []  # batch sizes _decode_step has compiled for
-        self.compile_seconds = 0.0
 
     @torch.inference_mode()
     def prefill(self, tokens: Sequence[int], segments: Segments, logit_index: Optional[Sequence[int]]) -> torch.Tensor:
@@ -180,13 +179,8 @@ class ModelRunner:
                 positions = torch.zeros(bsz, dtype=torch.long, device=self.device)
                 for _ in range(2):  # the second call records the CUDA graph
                     self._decode_step(tokens, positions)
-        seconds = time.time() - start
-        self.compile_seconds += seconds
-        return seconds
+        return time.time() - start
 
     @property
     def compiled(self) -> bool:
         return self._decode_step is not None
-
-    def stats(self) -> Dict[str, object]:
-        return {"compiled_batch_sizes": list(self.compiled_batch_sizes), "kv_cache_bytes": self.model.cache.nbytes()}
