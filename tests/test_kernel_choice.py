@@ -300,14 +300,19 @@ def test_apply_switches_layouts_both_ways():
 # ----------------------------------------------------------------------------- model parallel
 
 RANKS_WORKER = """
-import os, sys
+import json, os, sys
+from pathlib import Path
 from llama import Llama, kernel_choice, linear_kernels
 from llama.parallel_layers import linear_layers
 # rank 0 picks dense, rank 1 would pick packed wherever it can: both must run rank 0's kernels
+# each rank its own cache, so rank 1 cannot find rank 0's decision there: it must measure and pick its own
+os.environ[kernel_choice.CACHE_ENV] = str(Path(sys.argv[3], "kernels" + os.environ["RANK"] + ".json"))
 kernel_choice.pick = lambda timings, default: "packed" if "packed" in timings and os.environ["RANK"] == "1" else default
 llama = Llama.build(sys.argv[1], sys.argv[2], 32, 1, device="cpu")
 kernels = sorted({linear_kernels.name_of(layer.kernel) for _, layer in linear_layers(llama.model)})
-print("RESULT", os.environ["RANK"], kernels, llama.model.kernel_plan.as_dict()["choices"], flush=True)
+# a file per rank: two ranks printing at once interleave their lines (PYTHONUNBUFFERED writes each piece)
+record = {"kernels": kernels, "choices": llama.model.kernel_plan.as_dict()["choices"]}
+Path(sys.argv[3], "rank" + os.environ["RANK"] + ".json").write_text(json.dumps(record, sort_keys=True))
 """
 
 
@@ -320,14 +325,14 @@ def test_every_rank_runs_rank0s_choice(tmp_path, tiny_checkpoint, tiny_tokenizer
     repo = Path(__file__).resolve().parents[1]
     script = tmp_path / "worker.py"
     script.write_text(RANKS_WORKER)
-    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1",
-           kernel_choice.CACHE_ENV: str(tmp_path / "kernels.json")}
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
     env.pop(kernel_choice.KERNELS_ENV, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), str(tiny_checkpoint), str(tiny_tokenizer_path)]
+           str(script), str(tiny_checkpoint), str(tiny_tokenizer_path), str(tmp_path)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=repo)
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
-    lines = sorted(line.split(" ", 2)[1:] for line in result.stdout.splitlines() if line.startswith("RESULT"))
-    assert [rank for rank, _ in lines] == ["0", "1"]
-    assert lines[0][1] == lines[1][1]  # the same kernels and plan on both ranks: rank 0's
-    assert lines[0][1].startswith("['dense']")
+    import json
+
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0 == rank1  # the same kernels and plan on both ranks: rank 0's
+    assert rank0["kernels"] == ["dense"]
