@@ -78,12 +78,12 @@ class Llama:
             device: torch device; default CUDA (this rank's GPU) when available, else CPU.
             dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``;
                 default bfloat16 on CUDA (float16 where unsupported), float32 on CPU.
-            compile: compile the one-token decode step with ``torch.compile`` (static
-                shapes over the preallocated cache, positions as a tensor, so no prompt
-                or generation length recompiles it; CUDA graphs on CUDA, frozen weights
-                and autotuned C++ matrix kernels on CPU, which hold a second copy of the
-                linear weights). Costs a warm-up (printed; about a minute per batch size
-                for a 110M model on 2 CPU cores) and pays off on long generations.
+            compile: compile the one-token decode step with ``torch.compile`` (over the
+                preallocated cache, positions as a tensor, so no prompt or generation
+                length recompiles it; CUDA graphs on CUDA; on the CPU frozen weights and
+                autotuned C++ matrix kernels, one graph for every batch size, which holds
+                a second copy of the linear weights). Costs a warm-up (printed; about half
+                a minute for a 110M model on 2 CPU cores) and pays off on long generations.
             verify: check the md5 sums of ``ckpt_dir/checklist.chk`` before loading
                 (every rank reads every file once more; a ValueError names the files that fail).
             quantize: ``"int8"``: weight-only int8 linear layers (per output row scales),
@@ -194,11 +194,14 @@ class Llama:
     def compile(self, warmup_batch_sizes: Sequence[int] = (1,)) -> float:
         """Compile the decode step now; returns (and prints on rank 0) the warm-up seconds.
 
-        The step runs over the first rows of the cache, each at its own position, so one
-        graph per batch size serves every prompt and generation length. A decode of
-        ``n`` rows runs padded to the smallest compiled size >= ``n``; a larger ``n``
-        compiles once more on first use (on the CPU each compiled size holds its own copy
-        of the packed weights). On the CPU, a model whose weights are oneDNN-packed
+        The step runs over the first rows of the cache, each at its own position, so no
+        prompt or generation length compiles it again. On one CPU rank with dense float
+        weights, one graph serves every batch size, with one frozen, packed copy of the
+        linear weights; its GEMMs are tuned, at the first compile, for the largest of
+        ``warmup_batch_sizes`` rows. Elsewhere (CUDA graphs, oneDNN-packed or int8 weights,
+        model parallel) each batch size is a graph: a decode of ``n`` rows runs padded to
+        the smallest compiled size >= ``n``, and a larger ``n`` compiles once more on first
+        use. On the CPU, a model whose weights are oneDNN-packed
         (``Llama.build``'s default without ``compile``) keeps them and compiles around
         them; one with dense float weights (``compile=True`` or ``pack_weights=False``
         at build) gets the faster frozen, autotuned kernels. Call it while nothing is

@@ -1,5 +1,5 @@
-"""Llama.build(compile=True): the torch.compile'd static-shape decode step (Inductor
-on the CPU) generates what the eager path generates, with packed weights (oneDNN calls) and
+"""Llama.build(compile=True): the torch.compile'd decode step (Inductor on the CPU)
+generates what the eager path generates, with packed weights (oneDNN calls) and
 dense ones (frozen, autotuned C++ GEMMs). About a minute of compilation."""
 
 import gc
@@ -29,11 +29,14 @@ def test_compiled_decode_matches_eager(tiny_checkpoint, tiny_tokenizer_path, pac
     eager.compile(warmup_batch_sizes=(2,))
     c = eager.text_completion(prompts, temperature=0, max_gen_len=20)
     assert [r["generation"] for r in c] == [r["generation"] for r in a]
-    # One row runs padded to the compiled batch size 2: no new graph, the same text.
+    # One row: no new graph, the same text. Packed weights: run padded to the compiled batch
+    # size 2. Dense: the frozen step is one graph for every batch size, run at 1.
     graphs = counters["stats"]["unique_graphs"]
     d = eager.text_completion(prompts[1:], temperature=0, max_gen_len=20)
     assert d[0]["generation"] == a[1]["generation"]
-    assert counters["stats"]["unique_graphs"] == graphs and eager.runner.compiled_batch_sizes == [2]
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert eager.runner.any_batch_size != pack_weights
+    assert eager.runner.compiled_batch_sizes == ([2] if pack_weights else [2, 1])
 
 
 def test_compiled_int8_decode_matches_eager(tiny_checkpoint, tiny_tokenizer_path):
@@ -81,3 +84,27 @@ def test_compiled_step_never_recompiles_for_new_lengths(tiny_checkpoint, tiny_to
     assert counters["stats"]["unique_graphs"] == graphs
     want, _ = eager.generate(prompts, max_gen_len=12, temperature=0)
     assert got == want
+
+
+def test_frozen_step_is_one_graph_for_every_batch_size(tiny_checkpoint, tiny_tokenizer_path):
+    # One graph (so one frozen copy of the weights) however many rows decode; freed with its model.
+    kwargs = dict(max_seq_len=48, max_batch_size=4, device="cpu", pack_weights=False)
+    eager = Llama.build(str(tiny_checkpoint), str(tiny_tokenizer_path), **kwargs)
+    compiled = Llama.build(str(tiny_checkpoint), str(tiny_tokenizer_path), **kwargs)
+    graphs = counters["stats"]["unique_graphs"]
+    compiled.compile(warmup_batch_sizes=(1, 4))
+    assert compiled.runner.any_batch_size and counters["stats"]["unique_graphs"] == graphs + 1
+    prompts = ["the river", "once upon a time a fox", "a", "the end of the"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n in (3, 2, 1, 4):
+            got = compiled.text_completion(prompts[:n], temperature=0, max_gen_len=12, logprobs=True)
+            want = eager.text_completion(prompts[:n], temperature=0, max_gen_len=12, logprobs=True)
+            assert [r["generation"] for r in got] == [r["generation"] for r in want]
+            diff = max(abs(x - y) for ra, rb in zip(got, want) for x, y in zip(ra["logprobs"], rb["logprobs"]))
+            assert diff < 1e-4
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+    assert sorted(compiled.runner.compiled_batch_sizes) == [1, 2, 3, 4]
+    ref = weakref.ref(compiled.model)
+    del compiled
+    gc.collect()
+    assert ref() is None
