@@ -776,7 +776,9 @@ def print_table(r: dict) -> None:
         plan = notes.get("kernels")
         if not plan:
             continue
-        print(f"  {name:<10} kernels ({plan['dtype']}, {plan['threads']}, {plan['measure_s']:.1f} s to decide):")
+        share = plan.get("cpu_share")
+        busy = "" if share is None else f", {share:.0%} of the threads' time while timing"
+        print(f"  {name:<10} kernels ({plan['dtype']}, {plan['threads']}, {plan['measure_s']:.1f} s to decide{busy}):")
         for shape, c in plan["choices"].items():
             behind = ""
             if c["timings_ms"]:  # the timings behind the pick: ms per call at each decode batch size

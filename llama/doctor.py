@@ -121,7 +121,10 @@ def report(
         plan = kernel_choice.choose([(layout, s) for _, s in shapes], torch.device("cpu"), dtype, {},
                                     stream_bytes=stream, use_cache=True, remeasure=remeasure)
         title = f"{str(dtype).removeprefix('torch.')}" + (" model, int8 weights (quantize='int8')" if layout == "int8" else "")
-        print(f"{title}  ({plan.measure_s:.1f} s to decide)")
+        busy = "" if plan.cpu_share is None else (
+            f"; the timing got {plan.cpu_share:.0%} of its threads' time"
+            + ("" if plan.cpu_share >= kernel_choice.QUIET_SHARE else ": the CPU was busy, not cached"))
+        print(f"{title}  ({plan.measure_s:.1f} s to decide{busy})")
         for names, shape in shapes:
             choice = plan.choices[(layout, *shape)]
             nbytes = shape[0] * shape[1] * element

@@ -19,7 +19,9 @@ decode step does, unless the model's linear weights fit in the last-level cache 
 A decision is cached in ``$LLAMA_KERNEL_CACHE`` (default ``~/.cache/llama/kernels.json``),
 keyed by the CPU (model, family/model/stepping, the flags that matter), torch version,
 threads, dtype, shape and candidates, so a choice made on another CPU or torch is never
-reused. ``LLAMA_KERNELS`` or ``Llama.build(kernels=...)`` overrides it (see
+reused. A measurement during which other work took the cores (the process got less than
+:data:`QUIET_SHARE` of its threads' time) is used but not cached: it is taken again at
+the next build. ``LLAMA_KERNELS`` or ``Llama.build(kernels=...)`` overrides it (see
 :func:`parse_override`); then nothing is measured and the choice is deterministic.
 
 Model parallel: every rank decides (cached, or measured on its own shard's shapes),
@@ -57,6 +59,10 @@ _ROUND_S = 0.02  # seconds of passes over the copies per round (at least one)
 _HOPELESS = 3.0  # a kernel this many times slower than the fastest after a round is not timed further
 _MIN_STREAM_BYTES = 64 << 20  # stream at least this much per pass (or 2x the last-level cache)
 _MAX_TIMED_ELEMENTS = 1 << 26  # larger weights (e.g. the output layer) are timed on their first rows
+# The share of its threads' wall time that a measurement must get as CPU time to be cached.
+# Alone on a 2-core Zen 5, timing a 110m model's kernels ran at 0.91 of 2 threads; beside two
+# busy processes at 0.48, and it picked dense where packed is 1.8x faster.
+QUIET_SHARE = 0.75
 
 # The CPU flags that decide which kernels are fast (x86 /proc/cpuinfo names; ARM "Features").
 FLAGS = (
@@ -282,8 +288,12 @@ def time_kernels(
     batches: Iterable[int] = DECODE_BATCHES,
     stream_bytes: Optional[int] = None,
     seed: int = 0,
+    usage: Optional[Dict[str, float]] = None,
 ) -> Dict[str, Dict[int, float]]:
     """Seconds per call of each kernel of ``names`` on random ``shape`` weights, per batch size.
+
+    ``usage``: the wall and process CPU seconds of the timed calls (not of making the
+    random weights) are added to its ``"wall_s"`` and ``"cpu_s"``.
 
     Each kernel cycles through copies of its weight adding up to ``stream_bytes`` (at
     least one copy), so that it reads them from memory as a decode step does, rather
@@ -309,6 +319,7 @@ def time_kernels(
             kernel(x, layer)
         return (time.perf_counter() - start) / len(copies)
 
+    wall0, cpu0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for name in names:  # warm-up: oneDNN makes its primitives on first use
             for b in batches:
@@ -325,6 +336,9 @@ def time_kernels(
                         best[name][b] = min(best[name][b], one_pass(name, b))
                         if time.perf_counter() - start >= _ROUND_S:
                             break
+    if usage is not None:
+        usage["wall_s"] = usage.get("wall_s", 0.0) + time.perf_counter() - wall0
+        usage["cpu_s"] = usage.get("cpu_s", 0.0) + time.process_time() - cpu0
     del layers, inputs
     _give_back_freed_memory()
     scale = shape[0] / rows  # the time of the whole weight
@@ -476,6 +490,7 @@ class Plan:
     dtype: str
     choices: Dict[Tuple[str, int, int], Choice] = field(default_factory=dict)
     measure_s: float = 0.0
+    cpu_share: Optional[float] = None  # of the measurement: CPU time / (wall time x threads); None if nothing was measured
     threads: str = ""
 
     def kernel(self, layout: str, shape: Tuple[int, int]) -> str:
@@ -486,6 +501,7 @@ class Plan:
         return {
             "dtype": self.dtype,
             "measure_s": round(self.measure_s, 3),
+            "cpu_share": None if self.cpu_share is None else round(self.cpu_share, 2),
             "threads": self.threads,
             "choices": {
                 f"{layout} {o}x{i}": {"kernel": c.kernel, "source": c.source, "timings_ms": c.timings_ms}
@@ -529,7 +545,8 @@ def choose(
     stream = None if stream_bytes is None else min(stream_bytes, max(_MIN_STREAM_BYTES, 2 * llc))
     path, entries = cache_path(), None
     measured: List[str] = []
-    start = time.perf_counter()
+    to_store: List[Tuple[str, dict]] = []
+    start, usage = time.perf_counter(), {"wall_s": 0.0, "cpu_s": 0.0}
     for layout, shape in dict.fromkeys((lay, tuple(s)) for lay, s in shapes):
         names = candidates(device, dtype, layout)
         if layout in override:
@@ -549,17 +566,28 @@ def choose(
         if entry and entry.get("facts") == facts and entry.get("kernel") in names:
             plan.choices[(layout, *shape)] = Choice(entry["kernel"], "cached", entry.get("timings_ms", {}))
             continue
-        seconds = time_kernels(shape, dtype, names, stream_bytes=stream)
+        seconds = time_kernels(shape, dtype, names, stream_bytes=stream, usage=usage)
         timings_ms = {n: {b: round(1000 * t, 4) for b, t in per.items()} for n, per in seconds.items()}
         kernel = pick(seconds, names[0])
         plan.choices[(layout, *shape)] = Choice(kernel, "measured", timings_ms)
         measured.append(f"{shape[0]}x{shape[1]}")
-        if use_cache:
-            _store(path, key, {"kernel": kernel, "facts": facts, "timings_ms": timings_ms, "when": time.strftime("%Y-%m-%d %H:%M:%S")})
+        to_store.append((key, {"kernel": kernel, "facts": facts, "timings_ms": timings_ms, "when": time.strftime("%Y-%m-%d %H:%M:%S")}))
     plan.measure_s = time.perf_counter() - start
-    if measured and use_cache and os.environ.get("RANK", "0") == "0":
-        print(f"llama: timed the linear kernels of {len(measured)} {plan.dtype} shape(s) on this CPU in "
-              f"{plan.measure_s:.1f} s (once; cached in {path})", file=sys.stderr)
+    if not measured:
+        return plan
+    plan.cpu_share = usage["cpu_s"] / max(usage["wall_s"] * torch.get_num_threads(), 1e-9)
+    quiet = plan.cpu_share >= QUIET_SHARE
+    if use_cache and quiet:
+        for key, entry in to_store:
+            _store(path, key, {**entry, "cpu_share": round(plan.cpu_share, 2)})
+    if use_cache and os.environ.get("RANK", "0") == "0":
+        if quiet:
+            print(f"llama: timed the linear kernels of {len(measured)} {plan.dtype} shape(s) on this CPU in "
+                  f"{plan.measure_s:.1f} s (once; cached in {path})", file=sys.stderr)
+        else:
+            print(f"llama: timed the linear kernels of {len(measured)} {plan.dtype} shape(s) while other work took the "
+                  f"cores (this process got {plan.cpu_share:.0%} of its {torch.get_num_threads()} threads' time): used "
+                  f"for this run, not cached, measured again next time", file=sys.stderr)
     return plan
 
 

@@ -36,12 +36,13 @@ def fake_timer(monkeypatch):
     """Replace the measurement by one that counts its calls and always finds ``fast`` fastest."""
     state = {"calls": 0, "fast": None}
 
-    def fake(shape, dtype, names, batches=kernel_choice.DECODE_BATCHES, stream_bytes=None, seed=0):
+    def fake(shape, dtype, names, batches=kernel_choice.DECODE_BATCHES, stream_bytes=None, seed=0, usage=None):
         state["calls"] += 1
         fast = state["fast"] if state["fast"] in names else names[-1]
         return {n: {b: (1.0 if n == fast else 2.0) * 1e-3 for b in batches} for n in names}
 
     monkeypatch.setattr(kernel_choice, "time_kernels", fake)
+    monkeypatch.setattr(kernel_choice, "QUIET_SHARE", 0.0)  # a fake measurement takes no CPU time: always "quiet"
     return state
 
 
@@ -140,6 +141,47 @@ def test_measures_once_then_uses_the_cache(fake_timer, private_cache):
     assert len(entries) == 2 and all(e["facts"]["cpu"] == kernel_choice.cpu_facts()["model"] for e in entries.values())
     remeasured = kernel_choice.choose(SHAPES, CPU, torch.float32, stream_bytes=1 << 20, remeasure=True)
     assert fake_timer["calls"] == 4 and {c.kernel for c in remeasured.choices.values()} == {"dense"}
+
+
+def test_a_measurement_on_a_busy_cpu_is_used_not_cached(fake_timer, private_cache, monkeypatch, capsys):
+    if not packing_supported(CPU, torch.float32):
+        pytest.skip("one candidate only: nothing is measured")
+    monkeypatch.setattr(kernel_choice, "QUIET_SHARE", 2.0)  # no measurement gets 2x its threads' time
+    fake_timer["fast"] = "packed"
+    plan = kernel_choice.choose(SHAPES, CPU, torch.float32, stream_bytes=1 << 20)
+    assert {c.kernel for c in plan.choices.values()} == {"packed"} and plan.cpu_share is not None
+    assert not private_cache.exists() and "not cached, measured again next time" in capsys.readouterr().err
+    kernel_choice.choose(SHAPES, CPU, torch.float32, stream_bytes=1 << 20)
+    assert fake_timer["calls"] == 4  # measured again
+    monkeypatch.setattr(kernel_choice, "QUIET_SHARE", 0.0)
+    kernel_choice.choose(SHAPES, CPU, torch.float32, stream_bytes=1 << 20)
+    entries = json.loads(private_cache.read_text())["entries"]
+    assert fake_timer["calls"] == 6 and len(entries) == 2 and all("cpu_share" in e for e in entries.values())
+
+
+def test_a_busy_cpu_shows_in_the_share_of_a_real_measurement():
+    # What the rule above relies on: with twice as many spinning processes as usable cores,
+    # the timing threads get clearly less of their wall time than alone.
+    import subprocess
+    import sys
+
+    def share():
+        plan = kernel_choice.choose([("float", (512, 512))], CPU, torch.float32, stream_bytes=8 << 20, use_cache=False)
+        return plan.cpu_share
+
+    alone = share()
+    cores = kernel_choice.cpu_facts()["usable_cpus"] or 1
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * cores)]
+    try:
+        import time
+
+        time.sleep(0.3)
+        busy = share()
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+    assert busy < 0.8 * alone, (alone, busy)
 
 
 @pytest.mark.parametrize("change", ["cpu model", "cpu id", "cpu flags", "torch version", "threads"])
