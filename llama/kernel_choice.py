@@ -60,7 +60,7 @@ _HOPELESS = 3.0  # a kernel this many times slower than the fastest after a roun
 _MIN_STREAM_BYTES = 64 << 20  # stream at least this much per pass (or 2x the last-level cache)
 _MAX_TIMED_ELEMENTS = 1 << 26  # larger weights (e.g. the output layer) are timed on their first rows
 # The share of its threads' wall time that a measurement must get as CPU time to be cached.
-# Alone on a 2-core Zen 5, timing a 110m model's kernels ran at 0.91 of 2 threads; beside two
+# Alone on a 2-core Zen 5, timing a 110m model's kernels ran at 0.92-1.00 of 2 threads; beside two
 # busy processes at 0.48, and it picked dense where packed is 1.8x faster.
 QUIET_SHARE = 0.75
 
