@@ -77,8 +77,9 @@ def _any_batch_size(step, max_batch_size: int, tune_for: int):
     it, so no size (1 included) compiles a second graph, and the CPU step holds one copy
     of the frozen, packed weights instead of one per size. An unbacked size has no value
     at compile time, so Inductor autotunes its GEMMs for ``tune_for`` rows
-    (``unbacked_symint_fallback``): kernels blocked for 8 rows ran batch 8 about 1.3x
-    faster than those for 1 row, and batch 1 about 0.8x as fast, on a Zen 5 EPYC.
+    (``unbacked_symint_fallback``): on a Zen 5 EPYC (110m shape, float32), kernels tuned
+    for 8 rows ran batch 8 1.3x-1.4x as fast as those tuned for 1 row, and batch 1
+    0.8x-0.9x as fast.
     """
     def any_batch(tokens, positions):
         # What the KV cache implies but an unbacked size cannot know: at most its rows, one position each.
@@ -117,19 +118,17 @@ def compile_decode_step(model: Transformer, device: torch.device, max_batch_size
     from .quantize import is_quantized
 
     single_graph = distributed.model_parallel_world_size() == 1  # collectives break the graph
-    step = _own_code(model.decode_step)
     if distributed.is_cuda(device):
-        return torch.compile(step, mode="reduce-overhead", fullgraph=single_graph, dynamic=False), False
-    compiled = torch.compile(step, fullgraph=single_graph, dynamic=False)  # traced on first call
-    if is_quantized(model) or packed_linear.is_packed(model):
-        return compiled, False
-    if not single_graph:
+        return torch.compile(_own_code(model.decode_step), mode="reduce-overhead", fullgraph=single_graph, dynamic=False), False
+    dense_float = not (is_quantized(model) or packed_linear.is_packed(model))
+    if single_graph and dense_float:
+        return _any_batch_size(model.decode_step, max_batch_size, tune_for), True
+    if not single_graph and dense_float:
         # Split into several graphs by the collectives, the step decoded wrong tokens with
         # the C++ GEMM kernels (torch 2.13, 2 ranks); oneDNN-packed weights decode right.
         if packed_linear.packing_supported(device, model.tok_embeddings.weight.dtype):
             packed_linear.pack_linear_weights(model)
-        return compiled, False
-    return _any_batch_size(model.decode_step, max_batch_size, tune_for), True
+    return torch.compile(_own_code(model.decode_step), fullgraph=single_graph, dynamic=False), False  # traced on first call
 
 
 class ModelRunner:
