@@ -44,7 +44,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="requests generated at once (slots of the KV cache; default: %(default)s)")
     m.add_argument("--device", default=None, help="torch device (default: this rank's GPU, else the CPU)")
     m.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
-    m.add_argument("--compile", action="store_true", help="torch.compile the decode step (warm-up at start)")
+    m.add_argument("--compile", action="store_true", help="torch.compile the decode step (warm-up at start, its kernels tuned for --max_batch_size rows)")
     m.add_argument("--quantize", default=None, choices=("int8",), help="weight-only int8 linear layers")
     m.add_argument("--safety", default=None,
                    help="llamaguard:DIR and/or keywords:FILE (comma-separated): prompts and replies found unsafe "
