@@ -440,11 +440,11 @@ def _load_cache(path: Path) -> dict:
         return {}
 
 
-def _store(path: Path, key: str, entry: dict) -> None:
-    """Add one entry (re-reading the file first: other processes may have added theirs); best effort."""
+def _store(path: Path, new: Dict[str, dict]) -> None:
+    """Add entries (re-reading the file first: other processes may have added theirs); best effort."""
     try:
         entries = _load_cache(path)
-        entries[key] = entry
+        entries.update(new)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"version": CACHE_VERSION, "entries": entries}, indent=1, sort_keys=True) + "\n")
@@ -544,8 +544,7 @@ def choose(
     resident = stream_bytes is not None and llc > 0 and stream_bytes <= llc
     stream = None if stream_bytes is None else min(stream_bytes, max(_MIN_STREAM_BYTES, 2 * llc))
     path, entries = cache_path(), None
-    measured: List[str] = []
-    to_store: List[Tuple[str, dict]] = []
+    measured: List[Tuple[str, dict]] = []  # (cache key, entry) of each decision measured now
     start, usage = time.perf_counter(), {"wall_s": 0.0, "cpu_s": 0.0}
     for layout, shape in dict.fromkeys((lay, tuple(s)) for lay, s in shapes):
         names = candidates(device, dtype, layout)
@@ -570,16 +569,14 @@ def choose(
         timings_ms = {n: {b: round(1000 * t, 4) for b, t in per.items()} for n, per in seconds.items()}
         kernel = pick(seconds, names[0])
         plan.choices[(layout, *shape)] = Choice(kernel, "measured", timings_ms)
-        measured.append(f"{shape[0]}x{shape[1]}")
-        to_store.append((key, {"kernel": kernel, "facts": facts, "timings_ms": timings_ms, "when": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        measured.append((key, {"kernel": kernel, "facts": facts, "timings_ms": timings_ms, "when": time.strftime("%Y-%m-%d %H:%M:%S")}))
     plan.measure_s = time.perf_counter() - start
     if not measured:
         return plan
     plan.cpu_share = usage["cpu_s"] / max(usage["wall_s"] * torch.get_num_threads(), 1e-9)
     quiet = plan.cpu_share >= QUIET_SHARE
     if use_cache and quiet:
-        for key, entry in to_store:
-            _store(path, key, {**entry, "cpu_share": round(plan.cpu_share, 2)})
+        _store(path, {key: {**entry, "cpu_share": round(plan.cpu_share, 2)} for key, entry in measured})
     if use_cache and os.environ.get("RANK", "0") == "0":
         if quiet:
             print(f"llama: timed the linear kernels of {len(measured)} {plan.dtype} shape(s) on this CPU in "

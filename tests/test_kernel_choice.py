@@ -164,6 +164,7 @@ def test_a_busy_cpu_shows_in_the_share_of_a_real_measurement():
     # the timing threads get clearly less of their wall time than alone.
     import subprocess
     import sys
+    import time
 
     def share():
         plan = kernel_choice.choose([("float", (512, 512))], CPU, torch.float32, stream_bytes=8 << 20, use_cache=False)
@@ -173,8 +174,6 @@ def test_a_busy_cpu_shows_in_the_share_of_a_real_measurement():
     cores = kernel_choice.cpu_facts()["usable_cpus"] or 1
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * cores)]
     try:
-        import time
-
         time.sleep(0.3)
         busy = share()
     finally:
