@@ -13,7 +13,7 @@ setup(
     description="Llama 2 inference: text and chat completion on CPU and CUDA, any model-parallel size",
     python_requires=">=3.9",
     packages=find_packages(include=["llama", "llama.*"]),
-    package_data={"llama": ["demo_data/*"], "llama.server": ["static/*"]},
+    package_data={"llama": ["demo_data/*", "csrc/*"], "llama.server": ["static/*"]},
     install_requires=get_requirements("requirements.txt"),
     extras_require={
         # openai and httpx: the server's clients in tests; selenium drives Chromium for the chat page

@@ -5,12 +5,15 @@ weights packed once (:mod:`llama.packed_linear`) was 1.3x MKL's ``sgemm`` at bat
 an AMD EPYC without AVX-512, and 0.8x on an Intel Xeon with AMX. So nothing is hard-wired:
 for each distinct linear shape and dtype of a model, the candidate kernels of
 :data:`llama.linear_kernels.KERNELS` that apply are timed on random weights of that
-shape (never the real ones), at the decode batch sizes :data:`DECODE_BATCHES`, and the
+shape (never the real ones), at the decode batch sizes the model will run
+(:func:`decode_batches`: 1, and up to 8 where its cache has that many rows), and the
 fastest is kept:
 
-- float weights: ``dense`` (``F.linear``: MKL / oneDNN) and ``packed`` (oneDNN's blocked
-  layout, where this CPU can pack the dtype: float32 always, bfloat16 with AVX512-BF16 or
-  AMX);
+- float weights: ``dense`` (``F.linear``: MKL / oneDNN), ``gemv`` (our own
+  matrix-vector kernels on the same dense tensor, :mod:`llama.native`, where they build:
+  x86-64 with AVX2 or AVX-512, a C++ compiler, torch on GNU OpenMP) and ``packed``
+  (oneDNN's blocked layout, where this CPU can pack the dtype: float32 always, bfloat16
+  with AVX512-BF16 or AMX);
 - int8 weights (``quantize="int8"``): ``int8`` (``aten._weight_int8pack_mm`` with
   bfloat16 activations for a float32 model) and ``int8-fp32`` (float32 activations).
 
@@ -44,13 +47,13 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from . import distributed, linear_kernels, packed_linear
+from . import distributed, linear_kernels, native, packed_linear
 from .parallel_layers import linear_layers
 
 KERNELS_ENV = "LLAMA_KERNELS"
 CACHE_ENV = "LLAMA_KERNEL_CACHE"
 CACHE_VERSION = 1
-DECODE_BATCHES = (1, 8)
+DECODE_BATCHES = (1, 8)  # the batch sizes a decision is timed at, for a model whose cache has 8 rows or more
 # A kernel other than the layout's default (dense, int8) is kept only if it is this much
 # faster (relative score below): decisions do not flip on timing noise.
 MARGIN = 0.03
@@ -265,7 +268,12 @@ def candidates(device: torch.device, dtype: torch.dtype, layout: str) -> List[st
     if layout == "int8":
         cpu_int8 = torch.device(device).type == "cpu" and dtype == torch.float32
         return ["int8", "int8-fp32"] if cpu_int8 else ["int8"]
-    return ["dense", "packed"] if packed_linear.packing_supported(device, dtype) else ["dense"]
+    names = ["dense"]
+    if torch.device(device).type == "cpu" and native.available(dtype, cpu_facts()["flags"]):
+        names.append("gemv")
+    if packed_linear.packing_supported(device, dtype):
+        names.append("packed")
+    return names
 
 
 def _random_layer(kernel: str, shape: Tuple[int, int], dtype: torch.dtype, gen: torch.Generator) -> SimpleNamespace:
@@ -357,6 +365,17 @@ def _give_back_freed_memory() -> None:
             pass
 
 
+def decode_batches(max_batch_size: Optional[int]) -> Tuple[int, ...]:
+    """The batch sizes to time kernels at for a model of ``max_batch_size`` cache rows: 1, and
+    the rows up to 8 (:data:`DECODE_BATCHES` for 8 rows or more, or when not known). A
+    one-row model (a chat, ``bench.py``'s batch-1 runs) is timed at batch 1 only: a kernel
+    that wins there but loses at 8 rows is the right pick for it, and the wrong one for a
+    server's eight."""
+    if max_batch_size is None or max_batch_size >= DECODE_BATCHES[-1]:
+        return DECODE_BATCHES
+    return (1,) if max_batch_size <= 1 else (1, max_batch_size)
+
+
 def pick(timings: Dict[str, Dict[int, float]], default: str) -> str:
     """The kernel with the lowest sum over batch sizes of its time relative to the fastest
     at that batch size; ``default`` unless another is at least ``MARGIN`` better."""
@@ -373,7 +392,7 @@ def pick(timings: Dict[str, Dict[int, float]], default: str) -> str:
 
 def parse_override(text: Optional[str], what: str = KERNELS_ENV) -> Dict[str, str]:
     """``"auto"`` (or empty) -> {}; else a comma-separated list of kernel names, at most one
-    per layout: ``dense`` or ``packed`` for float weights, ``int8`` or ``int8-fp32`` for
+    per layout: ``dense``, ``gemv`` or ``packed`` for float weights, ``int8`` or ``int8-fp32`` for
     int8 ones. Returns {layout: name}; a layout not named is still measured."""
     override: Dict[str, str] = {}
     if not text or text.strip().lower() == "auto":
@@ -418,7 +437,9 @@ def check_override(
     if override and override[layout] not in names:
         raise ValueError(
             f"{told_by} {override[layout]!r} cannot run {layout} weights of {dtype} on {device} here (possible: "
-            f"{names}); packing needs float32 on the CPU, or bfloat16/float16 where the CPU has the instructions"
+            f"{names}); packing needs float32 on the CPU, or bfloat16/float16 where the CPU has the instructions; "
+            f"gemv needs float32 or bfloat16 on an x86-64 CPU and a C++ compiler"
+            + (f" ({native.unavailable(dtype, cpu_facts()['flags'])})" if override[layout] == "gemv" else "")
         )
     return override
 
@@ -453,8 +474,11 @@ def _store(path: Path, new: Dict[str, dict]) -> None:
         print(f"llama: could not cache the kernel choice in {path}: {e}", file=sys.stderr)
 
 
-def decision_facts(dtype: torch.dtype, layout: str, shape: Tuple[int, int], names: List[str], resident: bool) -> dict:
-    """Everything a cached decision depends on: CPU, torch, threads, dtype, layout, shape, candidates."""
+def decision_facts(
+    dtype: torch.dtype, layout: str, shape: Tuple[int, int], names: List[str], resident: bool,
+    batches: Tuple[int, ...] = DECODE_BATCHES,
+) -> dict:
+    """Everything a cached decision depends on: CPU, torch, threads, dtype, layout, shape, candidates, batch sizes."""
     facts = cpu_facts()
     return {
         "cpu": facts["model"],
@@ -466,7 +490,7 @@ def decision_facts(dtype: torch.dtype, layout: str, shape: Tuple[int, int], name
         "layout": layout,
         "shape": list(shape),
         "candidates": names,
-        "batches": list(DECODE_BATCHES),
+        "batches": list(batches),
         "cache_resident": resident,
     }
 
@@ -527,8 +551,10 @@ def choose(
     use_cache: bool = True,
     remeasure: bool = False,
     compile: bool = False,
+    batches: Tuple[int, ...] = DECODE_BATCHES,
 ) -> Plan:
-    """The plan for these (layout, shape) pairs (layout ``"float"`` or ``"int8"``).
+    """The plan for these (layout, shape) pairs (layout ``"float"`` or ``"int8"``), timed at
+    decode ``batches`` (see :func:`decode_batches`).
 
     Per pair: the override's kernel for the layout if any; else the layout's default
     where there is nothing to choose (one candidate; not a CPU; ``compile``, whose CPU
@@ -557,7 +583,7 @@ def choose(
             why = "compile: Inductor picks" if compile and len(names) > 1 else "only candidate"
             plan.choices[(layout, *shape)] = Choice(names[0], why)
             continue
-        facts = decision_facts(dtype, layout, shape, names, resident)
+        facts = decision_facts(dtype, layout, shape, names, resident, tuple(batches))
         key = json.dumps(facts, sort_keys=True)
         if use_cache and entries is None:
             entries = _load_cache(path)
@@ -565,7 +591,7 @@ def choose(
         if entry and entry.get("facts") == facts and entry.get("kernel") in names:
             plan.choices[(layout, *shape)] = Choice(entry["kernel"], "cached", entry.get("timings_ms", {}))
             continue
-        seconds = time_kernels(shape, dtype, names, stream_bytes=stream, usage=usage)
+        seconds = time_kernels(shape, dtype, names, batches, stream_bytes=stream, usage=usage)
         timings_ms = {n: {b: round(1000 * t, 4) for b, t in per.items()} for n, per in seconds.items()}
         kernel = pick(seconds, names[0])
         plan.choices[(layout, *shape)] = Choice(kernel, "measured", timings_ms)
@@ -608,11 +634,13 @@ def plan_for(
     compile: bool = False,
 ) -> Plan:
     """:func:`choose` for the local linear layers of ``model`` (built on any device, meta
-    included; ``quantized``: they will be int8), streaming as many bytes as they hold."""
+    included; ``quantized``: they will be int8), streaming as many bytes as they hold, at
+    the batch sizes its ``params.max_batch_size`` allows (:func:`decode_batches`)."""
     shapes = plan_shapes(model, quantized)
     weights = [layer.weight for _, layer in linear_layers(model)]
     nbytes = sum(w.numel() * (1 if kind == "int8" else w.element_size()) for w, (kind, _) in zip(weights, shapes))
-    return choose(shapes, device, dtype, override, stream_bytes=nbytes, compile=compile)
+    batches = decode_batches(getattr(getattr(model, "params", None), "max_batch_size", None))
+    return choose(shapes, device, dtype, override, stream_bytes=nbytes, compile=compile, batches=batches)
 
 
 def apply(model: nn.Module, plan: Plan, on_packed=None) -> int:
@@ -620,7 +648,8 @@ def apply(model: nn.Module, plan: Plan, on_packed=None) -> int:
 
     Dense <-> packed converts the weight (one layer at a time; ``on_packed(key)`` is
     called after each packing, as in :func:`llama.packed_linear.pack_linear_weights`);
-    between int8 kernels only the scales' dtype changes.
+    dense <-> gemv (the same tensor) and between int8 kernels only the kernel (and the
+    scales' dtype) changes.
     """
     changed = 0
     model.kernel_plan = plan
@@ -634,7 +663,9 @@ def apply(model: nn.Module, plan: Plan, on_packed=None) -> int:
             if on_packed is not None:
                 on_packed(f"{name}.weight" if name else "weight")
         elif have == "packed":
-            layer.set_weight(layer.weight.to_dense())
+            layer.set_weight(layer.weight.to_dense(), kernel=linear_kernels.KERNELS[want])
+        elif linear_kernels.layout(want) == "dense":  # dense <-> gemv: the same tensor
+            layer.set_weight(layer.weight.data, kernel=linear_kernels.KERNELS[want])
         else:  # int8 <-> int8-fp32
             scales = layer.scales.float() if want == "int8-fp32" else layer.scales
             layer.set_weight(layer.weight, scales, linear_kernels.KERNELS[want])

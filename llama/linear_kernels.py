@@ -3,7 +3,8 @@
 A layer of :mod:`llama.parallel_layers` holds its weight in one of three layouts, and
 :func:`kernel_for` picks the kernel that reads it:
 
-- :func:`dense`: a float tensor, ``F.linear``;
+- :func:`dense`: a float tensor, ``F.linear``; :func:`gemv` reads the same tensor with our
+  own matrix-vector kernels (:mod:`llama.native`) for the few rows of a decode step;
 - :func:`packed`: a float32 or bfloat16 weight reordered into oneDNN's blocked layout
   (:mod:`llama.packed_linear` says why), oneDNN's inner product;
 - :func:`int8`: int8 ``weight`` with one float scale per output row in ``scales``
@@ -14,7 +15,8 @@ Each kernel is called as ``kernel(x, layer)``; the layer does the model-parallel
 communication around it. :data:`KERNELS` names them (the names that
 :mod:`llama.kernel_choice` measures, caches and takes as overrides); a weight's layout
 admits the kernels of its :func:`layout`. This module imports nothing else of the
-package, so the layers, packing and quantization all depend on it and not on each other.
+package but :mod:`llama.native` (which imports none), so the layers, packing and
+quantization all depend on it and not on each other.
 """
 
 import weakref
@@ -24,12 +26,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
+
 Kernel = Callable[[torch.Tensor, nn.Module], torch.Tensor]
 
 
 def dense(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """``x @ layer.weight.T`` for a dense float weight."""
     return F.linear(x, layer.weight)
+
+
+def gemv(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """``x @ layer.weight.T`` for a dense float weight with :func:`llama.native.linear`: our
+    kernels for up to ``native.MAX_ROWS`` rows (decode), ``F.linear`` for more (prefill)."""
+    return native.linear(x, layer.weight)
 
 
 # ----------------------------------------------------------------------------- oneDNN-packed float32
@@ -119,7 +129,7 @@ def int8_fp32(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
 # ----------------------------------------------------------------------------- names and layouts
 
 # name -> kernel, for plans, caches and overrides (llama.kernel_choice)
-KERNELS: Dict[str, Kernel] = {"dense": dense, "packed": packed, "int8": int8, "int8-fp32": int8_fp32}
+KERNELS: Dict[str, Kernel] = {"dense": dense, "gemv": gemv, "packed": packed, "int8": int8, "int8-fp32": int8_fp32}
 _NAMES = {kernel: name for name, kernel in KERNELS.items()}
 
 
@@ -131,7 +141,7 @@ def name_of(kernel: Kernel) -> str:
 def layout(weight_or_name) -> str:
     """``"dense"``, ``"packed"`` or ``"int8"``: the layout of a weight, or the one a kernel (name) reads."""
     if isinstance(weight_or_name, str):
-        return "int8" if weight_or_name.startswith("int8") else weight_or_name
+        return "int8" if weight_or_name.startswith("int8") else "dense" if weight_or_name == "gemv" else weight_or_name
     if weight_or_name.is_mkldnn:
         return "packed"
     return "int8" if weight_or_name.dtype == torch.int8 else "dense"
