@@ -132,6 +132,15 @@ def report(
             for kernel, per in choice.timings_ms.items():
                 cells = "   ".join(f"b{b}: {_ms(t, nbytes)}" for b, t in sorted(per.items(), key=lambda kv: int(kv[0])))
                 print(f"        {kernel:<9} {cells}")
+        if layout == "float":  # the decode step's attention, over ATTENTION_KV_LEN cached positions
+            shape = (args.n_heads // world, max(1, args.kv_heads // world), args.head_dim, kernel_choice.ATTENTION_KV_LEN)
+            choice = kernel_choice.choose([("attention", shape)], torch.device("cpu"), dtype, {}, remeasure=remeasure
+                                          ).choices[("attention", *shape)]
+            print(f"  attention: {shape[0]} heads, {shape[1]} kv heads of {shape[2]}, over {shape[3]} positions "
+                  f"-> {choice.kernel} ({choice.source})")
+            for kernel, per in choice.timings_ms.items():
+                cells = "   ".join(f"b{b}: {float(t):8.3f} ms" for b, t in sorted(per.items(), key=lambda kv: int(kv[0])))
+                print(f"        {kernel:<16} {cells}")
     if prefill:
         _section(f"Prefill ({prefill} rows: compute-bound; each kernel on the largest per-layer shape, not cached)")
         names, shape = max(shapes[:-1], key=lambda item: item[1][0] * item[1][1])  # the output layer aside
@@ -143,7 +152,7 @@ def report(
             print(f"{str(dtype).removeprefix('torch.') + (' int8' if layout == 'int8' else ''):<13} {shape[0]}x{shape[1]} "
                   f"({names}): {cells}")
     print(f"\ncache      {kernel_choice.cache_path()} (${kernel_choice.CACHE_ENV}); override with "
-          f"${kernel_choice.KERNELS_ENV}=dense|gemv|packed|int8|int8-fp32 or Llama.build(kernels=...)")
+          f"${kernel_choice.KERNELS_ENV}=dense|gemv|packed|int8|int8-fp32[,sdpa|native-attention] or Llama.build(kernels=...)")
     return 0
 
 

@@ -17,6 +17,11 @@ fastest is kept:
 - int8 weights (``quantize="int8"``): ``int8`` (``aten._weight_int8pack_mm`` with
   bfloat16 activations for a float32 model) and ``int8-fp32`` (float32 activations).
 
+The decode step's attention is chosen the same way (layout ``"attention"``, shape heads x
+kv heads x head size x the positions it is timed over): ``sdpa`` (torch's
+``scaled_dot_product_attention``) or ``native-attention`` (:func:`llama.native.decode_attention`,
+where it builds).
+
 Each measurement streams through enough copies of the weight to leave the cache, as a
 decode step does, unless the model's linear weights fit in the last-level cache anyway.
 A decision is cached in ``$LLAMA_KERNEL_CACHE`` (default ``~/.cache/llama/kernels.json``),
@@ -45,6 +50,7 @@ from types import SimpleNamespace
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import distributed, linear_kernels, native, packed_linear
@@ -66,6 +72,8 @@ _MAX_TIMED_ELEMENTS = 1 << 26  # larger weights (e.g. the output layer) are time
 # Alone on a 2-core Zen 5, timing a 110m model's kernels ran at 0.92-1.00 of 2 threads; beside two
 # busy processes at 0.48, and it picked dense where packed is 1.8x faster.
 QUIET_SHARE = 0.75
+ATTENTION_KERNELS = ("sdpa", "native-attention")  # the decode step's attention (llama.model.Attention.decode_attention)
+ATTENTION_KV_LEN = 512  # cached positions the decode attention is timed over (fewer where the cache holds fewer)
 
 # The CPU flags that decide which kernels are fast (x86 /proc/cpuinfo names; ARM "Features").
 FLAGS = (
@@ -276,6 +284,67 @@ def candidates(device: torch.device, dtype: torch.dtype, layout: str) -> List[st
     return names
 
 
+def attention_candidates(device: torch.device, dtype: torch.dtype, head_dim: int) -> List[str]:
+    """The decode attention kernels that can run heads of ``head_dim`` in ``dtype`` on ``device``; ``sdpa`` first."""
+    names = ["sdpa"]
+    cpu = torch.device(device).type == "cpu"
+    if cpu and native.available(dtype, cpu_facts()["flags"]) and native.attends(dtype, head_dim):
+        names.append("native-attention")
+    return names
+
+
+def time_attention(
+    shape: Tuple[int, int, int, int],
+    dtype: torch.dtype,
+    names: List[str],
+    batches: Iterable[int] = DECODE_BATCHES,
+    seed: int = 0,
+    usage: Optional[Dict[str, float]] = None,
+) -> Dict[str, Dict[int, float]]:
+    """Seconds per call of each decode attention kernel of ``names`` for ``shape`` = (heads,
+    kv heads, head size, cached positions), per batch size: one query per row over random
+    keys and values, as a decode step attends (no mask: every row at the same position).
+    Rounds interleaved, the best counting, like :func:`time_kernels`."""
+    heads, kv_heads, head_dim, kv_len = shape
+    gen = torch.Generator().manual_seed(seed)
+    batches = list(batches)
+    data = {}
+    for b in batches:
+        k, v = (torch.randn(b, kv_heads, kv_len, head_dim, generator=gen).to(dtype) for _ in range(2))
+        data[b] = (torch.randn(b, heads, head_dim, generator=gen).to(dtype), k, v, torch.full((b,), kv_len, dtype=torch.long))
+
+    def call(name: str, b: int) -> None:
+        q, k, v, lengths = data[b]
+        if name == "sdpa":  # what llama.model.Attention runs: (b, heads, 1, head_dim) against the cache
+            F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=heads != kv_heads)
+        else:
+            native.decode_attention(q, k, v, lengths)
+
+    def one_round(name: str, b: int) -> float:  # seconds per call, over at least _ROUND_S / 4
+        calls, start = 0, time.perf_counter()
+        while True:
+            call(name, b)
+            calls += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= _ROUND_S / 4:
+                return elapsed / calls
+
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    with torch.inference_mode():
+        for name in names:  # warm-up
+            for b in batches:
+                call(name, b)
+        best = {name: {b: float("inf") for b in batches} for name in names}
+        for _ in range(_ROUNDS):
+            for name in names:
+                for b in batches:
+                    best[name][b] = min(best[name][b], one_round(name, b))
+    if usage is not None:
+        usage["wall_s"] = usage.get("wall_s", 0.0) + time.perf_counter() - wall0
+        usage["cpu_s"] = usage.get("cpu_s", 0.0) + time.process_time() - cpu0
+    return best
+
+
 def _random_layer(kernel: str, shape: Tuple[int, int], dtype: torch.dtype, gen: torch.Generator) -> SimpleNamespace:
     """What a kernel reads of a layer (``weight``, ``scales``), random, in that kernel's layout."""
     out_features, in_features = shape
@@ -393,14 +462,16 @@ def pick(timings: Dict[str, Dict[int, float]], default: str) -> str:
 def parse_override(text: Optional[str], what: str = KERNELS_ENV) -> Dict[str, str]:
     """``"auto"`` (or empty) -> {}; else a comma-separated list of kernel names, at most one
     per layout: ``dense``, ``gemv`` or ``packed`` for float weights, ``int8`` or ``int8-fp32`` for
-    int8 ones. Returns {layout: name}; a layout not named is still measured."""
+    int8 ones, ``sdpa`` or ``native-attention`` for the decode attention. Returns {layout:
+    name}; a layout not named is still measured."""
     override: Dict[str, str] = {}
     if not text or text.strip().lower() == "auto":
         return override
     for name in (n.strip().lower() for n in text.split(",") if n.strip()):
-        if name not in linear_kernels.KERNELS:
-            raise ValueError(f"{what}: unknown kernel {name!r}; use 'auto' or some of {sorted(linear_kernels.KERNELS)}")
-        layout = "int8" if name.startswith("int8") else "float"
+        if name not in linear_kernels.KERNELS and name not in ATTENTION_KERNELS:
+            known = sorted(linear_kernels.KERNELS) + list(ATTENTION_KERNELS)
+            raise ValueError(f"{what}: unknown kernel {name!r}; use 'auto' or some of {known}")
+        layout = "attention" if name in ATTENTION_KERNELS else "int8" if name.startswith("int8") else "float"
         if layout in override:
             raise ValueError(f"{what}: {override[layout]!r} and {name!r} are both for {layout} weights; name one")
         override[layout] = name
@@ -432,9 +503,16 @@ def check_override(
             raise ValueError(f"{told_by} packed and quantize= exclude each other: int8 layers have their own kernels")
         if "int8" in override and quantize is None:
             raise ValueError(f"{told_by} {override['int8']!r} is for quantize='int8' models")
-    override = {k: v for k, v in override.items() if k == layout}
+    if override.get("attention") == "native-attention":
+        why = "it is for models on the CPU" if torch.device(device).type != "cpu" else native.unavailable(
+            dtype, cpu_facts()["flags"])
+        if why and told_by != KERNELS_ENV:
+            raise ValueError(f"{told_by} 'native-attention' cannot run {dtype} here: {why}")
+        if why:  # the environment's choice for another machine or device: measured instead
+            del override["attention"]
+    override = {k: v for k, v in override.items() if k in (layout, "attention")}
     names = candidates(device, dtype, layout)
-    if override and override[layout] not in names:
+    if layout in override and override[layout] not in names:
         raise ValueError(
             f"{told_by} {override[layout]!r} cannot run {layout} weights of {dtype} on {device} here (possible: "
             f"{names}); packing needs float32 on the CPU, or bfloat16/float16 where the CPU has the instructions; "
@@ -509,7 +587,8 @@ class Choice:
 
 @dataclass
 class Plan:
-    """The kernel of every (layout, out, in) of a model's local linear weights."""
+    """The kernel of every (layout, out, in) of a model's local linear weights, and of its decode
+    attention (("attention", heads, kv heads, head size, positions timed), if it was chosen)."""
 
     dtype: str
     choices: Dict[Tuple[str, int, int], Choice] = field(default_factory=dict)
@@ -517,7 +596,7 @@ class Plan:
     cpu_share: Optional[float] = None  # of the measurement: CPU time / (wall time x threads); None if nothing was measured
     threads: str = ""
 
-    def kernel(self, layout: str, shape: Tuple[int, int]) -> str:
+    def kernel(self, layout: str, shape: Tuple[int, ...]) -> str:
         return self.choices[(layout, *shape)].kernel
 
     def as_dict(self) -> dict:
@@ -528,16 +607,16 @@ class Plan:
             "cpu_share": None if self.cpu_share is None else round(self.cpu_share, 2),
             "threads": self.threads,
             "choices": {
-                f"{layout} {o}x{i}": {"kernel": c.kernel, "source": c.source, "timings_ms": c.timings_ms}
-                for (layout, o, i), c in self.choices.items()
+                f"{layout} {'x'.join(map(str, shape))}": {"kernel": c.kernel, "source": c.source, "timings_ms": c.timings_ms}
+                for (layout, *shape), c in self.choices.items()
             },
         }
 
     def summary(self) -> str:
         """One line: each kernel with the shapes it runs, and why."""
         parts = []
-        for (layout, o, i), c in self.choices.items():
-            parts.append(f"{o}x{i}: {c.kernel} ({c.source})")
+        for (layout, *shape), c in self.choices.items():
+            parts.append(f"{'attention ' if layout == 'attention' else ''}{'x'.join(map(str, shape))}: {c.kernel} ({c.source})")
         return f"{self.dtype}: " + ", ".join(parts)
 
 
@@ -573,7 +652,10 @@ def choose(
     measured: List[Tuple[str, dict]] = []  # (cache key, entry) of each decision measured now
     start, usage = time.perf_counter(), {"wall_s": 0.0, "cpu_s": 0.0}
     for layout, shape in dict.fromkeys((lay, tuple(s)) for lay, s in shapes):
-        names = candidates(device, dtype, layout)
+        if layout == "attention":
+            names = attention_candidates(device, dtype, shape[2])
+        else:
+            names = candidates(device, dtype, layout)
         if layout in override:
             if override[layout] not in names:
                 raise ValueError(f"kernel {override[layout]!r} cannot run {layout} weights of {dtype} on {device} here")
@@ -591,7 +673,10 @@ def choose(
         if entry and entry.get("facts") == facts and entry.get("kernel") in names:
             plan.choices[(layout, *shape)] = Choice(entry["kernel"], "cached", entry.get("timings_ms", {}))
             continue
-        seconds = time_kernels(shape, dtype, names, batches, stream_bytes=stream, usage=usage)
+        if layout == "attention":
+            seconds = time_attention(shape, dtype, names, batches, usage=usage)
+        else:
+            seconds = time_kernels(shape, dtype, names, batches, stream_bytes=stream, usage=usage)
         timings_ms = {n: {b: round(1000 * t, 4) for b, t in per.items()} for n, per in seconds.items()}
         kernel = pick(seconds, names[0])
         plan.choices[(layout, *shape)] = Choice(kernel, "measured", timings_ms)
@@ -605,10 +690,10 @@ def choose(
         _store(path, {key: {**entry, "cpu_share": round(plan.cpu_share, 2)} for key, entry in measured})
     if use_cache and os.environ.get("RANK", "0") == "0":
         if quiet:
-            print(f"llama: timed the linear kernels of {len(measured)} {plan.dtype} shape(s) on this CPU in "
+            print(f"llama: timed the kernels of {len(measured)} {plan.dtype} shape(s) on this CPU in "
                   f"{plan.measure_s:.1f} s (once; cached in {path})", file=sys.stderr)
         else:
-            print(f"llama: timed the linear kernels of {len(measured)} {plan.dtype} shape(s) while other work took the "
+            print(f"llama: timed the kernels of {len(measured)} {plan.dtype} shape(s) while other work took the "
                   f"cores (this process got {plan.cpu_share:.0%} of its {torch.get_num_threads()} threads' time): used "
                   f"for this run, not cached, measured again next time", file=sys.stderr)
     return plan
@@ -624,6 +709,17 @@ def plan_shapes(model: nn.Module, quantized: bool = False) -> List[Tuple[str, Tu
     return [(_layout_class(layer.weight, quantized), tuple(layer.weight.shape)) for _, layer in linear_layers(model)]
 
 
+def attention_shape(model: nn.Module) -> Optional[Tuple[int, int, int, int]]:
+    """(local heads, local kv heads, head size, positions to time over) of a model's decode
+    attention, or None for a model without llama.model's layers."""
+    layers = getattr(model, "layers", None)
+    attention = getattr(layers[0], "attention", None) if layers else None
+    if attention is None or not hasattr(attention, "decode_attention"):
+        return None
+    kv_len = min(ATTENTION_KV_LEN, getattr(getattr(model, "params", None), "max_seq_len", ATTENTION_KV_LEN))
+    return (attention.n_local_heads, attention.n_local_kv_heads, attention.head_dim, kv_len)
+
+
 def plan_for(
     model: nn.Module,
     device: torch.device,
@@ -635,12 +731,15 @@ def plan_for(
 ) -> Plan:
     """:func:`choose` for the local linear layers of ``model`` (built on any device, meta
     included; ``quantized``: they will be int8), streaming as many bytes as they hold, at
-    the batch sizes its ``params.max_batch_size`` allows (:func:`decode_batches`)."""
+    the batch sizes its ``params.max_batch_size`` allows (:func:`decode_batches`); and for
+    its decode attention (:func:`attention_shape`)."""
     shapes = plan_shapes(model, quantized)
     weights = [layer.weight for _, layer in linear_layers(model)]
     nbytes = sum(w.numel() * (1 if kind == "int8" else w.element_size()) for w, (kind, _) in zip(weights, shapes))
     batches = decode_batches(getattr(getattr(model, "params", None), "max_batch_size", None))
-    return choose(shapes, device, dtype, override, stream_bytes=nbytes, compile=compile, batches=batches)
+    attention = attention_shape(model)
+    extra = [("attention", attention)] if attention is not None else []
+    return choose(shapes + extra, device, dtype, override, stream_bytes=nbytes, compile=compile, batches=batches)
 
 
 def apply(model: nn.Module, plan: Plan, on_packed=None) -> int:
@@ -653,6 +752,10 @@ def apply(model: nn.Module, plan: Plan, on_packed=None) -> int:
     """
     changed = 0
     model.kernel_plan = plan
+    attention = attention_shape(model)
+    if attention is not None and ("attention", *attention) in plan.choices:
+        for block in model.layers:
+            block.attention.decode_attention = plan.kernel("attention", attention)
     for name, layer in linear_layers(model):
         want = plan.kernel(_layout_class(layer.weight, False), tuple(layer.weight.shape))
         have = linear_kernels.name_of(layer.kernel)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed
+from . import distributed, native
 from .parallel_layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 
 
@@ -223,13 +223,15 @@ class DecodeRows(NamedTuple):
     ``same_position``: when every row is at this one position (eager only), the write is
     a slice and attention needs no mask: the common case costs what it did before rows
     had positions of their own. ``rows``: ``arange(bsz)``, made once per step for the
-    per-row writes.
+    per-row writes. ``lengths``: ``positions + 1``, the cached positions each row attends
+    to, for the native decode attention.
     """
 
     positions: torch.Tensor
     mask: Optional[torch.Tensor]
     same_position: Optional[int] = None
     rows: Optional[torch.Tensor] = None
+    lengths: Optional[torch.Tensor] = None
 
 
 class Attention(nn.Module):
@@ -253,6 +255,9 @@ class Attention(nn.Module):
         self.wk = ColumnParallelLinear(args.dim, kv_dim, gather_output=False, device=device, dtype=dtype)
         self.wv = ColumnParallelLinear(args.dim, kv_dim, gather_output=False, device=device, dtype=dtype)
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, input_is_parallel=True, device=device, dtype=dtype)
+        # The decode step's attention: "sdpa" (torch's scaled_dot_product_attention) or
+        # "native-attention" (llama.native.decode_attention, CPU), set by llama.kernel_choice.
+        self.decode_attention = "sdpa"
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """softmax(q k^T / sqrt(d)) v for q (b, heads, s, d) and k, v (b, kv_heads, L, d).
@@ -274,6 +279,15 @@ class Attention(nn.Module):
             mask = mask.repeat(1, 1, self.n_rep, 1)
         out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask)
         return out.view(b, self.n_local_heads, s, d)
+
+    def _native_decode(self, xq: torch.Tensor) -> bool:
+        """Whether this decode step's attention runs natively (chosen, and possible for these heads)."""
+        return (
+            self.decode_attention == "native-attention"
+            and xq.device.type == "cpu"
+            and not torch.compiler.is_compiling()
+            and native.attends(xq.dtype, self.head_dim)
+        )
 
     def forward(
         self,
@@ -297,19 +311,25 @@ class Attention(nn.Module):
         xq = apply_rotary_emb(xq, cos, sin)
         xk = apply_rotary_emb(xk, cos, sin)
 
-        if isinstance(batch, DecodeRows) and batch.same_position is not None:
-            pos = batch.same_position
-            # (bsz, 1, kv_heads, head_dim) -> (bsz, kv_heads, 1, head_dim)
-            cache.cache_k[:bsz, :, pos : pos + 1] = xk.transpose(1, 2)
-            cache.cache_v[:bsz, :, pos : pos + 1] = xv.transpose(1, 2)
-            keys, values = cache.cache_k[:bsz, :, : pos + 1], cache.cache_v[:bsz, :, : pos + 1]
-            output = self._attend(xq.transpose(1, 2), keys, values, None)
-        elif isinstance(batch, DecodeRows):
-            # Write each row's new key and value at its own position, into the full buffers
-            # (a write into a view of them is copied out and back under torch.compile).
-            cache.cache_k[batch.rows, :, batch.positions] = xk[:, 0]  # (bsz, kv_heads, head_dim)
-            cache.cache_v[batch.rows, :, batch.positions] = xv[:, 0]
-            kv_len = batch.mask.shape[-1]
+        if isinstance(batch, DecodeRows):
+            if batch.same_position is not None:
+                pos = batch.same_position
+                # (bsz, 1, kv_heads, head_dim) -> (bsz, kv_heads, 1, head_dim)
+                cache.cache_k[:bsz, :, pos : pos + 1] = xk.transpose(1, 2)
+                cache.cache_v[:bsz, :, pos : pos + 1] = xv.transpose(1, 2)
+            else:
+                # Write each row's new key and value at its own position, into the full buffers
+                # (a write into a view of them is copied out and back under torch.compile).
+                cache.cache_k[batch.rows, :, batch.positions] = xk[:, 0]  # (bsz, kv_heads, head_dim)
+                cache.cache_v[batch.rows, :, batch.positions] = xv[:, 0]
+            if self._native_decode(xq):
+                # (bsz, 1, heads, head_dim) -> (bsz, heads, head_dim): each row over its own positions, no mask
+                output = native.decode_attention(
+                    xq.view(bsz, self.n_local_heads, self.head_dim), cache.cache_k, cache.cache_v, batch.lengths
+                )
+                return self.wo(output.view(bsz, seqlen, -1))
+            # the first max(positions) + 1 cached positions; with one position for all rows, no mask
+            kv_len = batch.same_position + 1 if batch.same_position is not None else batch.mask.shape[-1]
             keys, values = cache.cache_k[:bsz, :, :kv_len], cache.cache_v[:bsz, :, :kv_len]
             output = self._attend(xq.transpose(1, 2), keys, values, batch.mask)
         elif isinstance(batch, Segments):
@@ -467,12 +487,12 @@ class Transformer(nn.Module):
         """
         cache = self._check_cache()
         if same_position is not None:
-            batch = DecodeRows(positions, None, same_position)
+            batch = DecodeRows(positions, None, same_position, lengths=positions + 1)
         else:
             kv_len = cache.max_seq_len if kv_len is None else kv_len
             # (bsz, kv_len) -> (bsz, 1, 1, kv_len): broadcast over heads and queries
             mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
-            batch = DecodeRows(positions, mask, rows=torch.arange(tokens.shape[0], device=tokens.device))
+            batch = DecodeRows(positions, mask, rows=torch.arange(tokens.shape[0], device=tokens.device), lengths=positions + 1)
         h = self._run_layers(self.tok_embeddings(tokens), positions[:, None], batch)
         return self.output(h)[:, -1].float()
 

@@ -1,16 +1,20 @@
-"""Our own matrix-vector kernels (``llama/csrc/gemv.cpp``), built on first use and called through ctypes.
+"""Our own CPU kernels for the decode step (``llama/csrc/``), built on first use and called through ctypes.
 
-``x @ W.T`` for the few rows of a decode step on a dense float32 or bfloat16 weight, at
-the speed the weight streams from memory (see the source for why). They are one of the
-candidates that :mod:`llama.kernel_choice` times on each machine (``"gemv"`` in
-:data:`llama.linear_kernels.KERNELS`), never a default: where the CPU, the compiler or
-the thread runtime is missing, the candidate is simply absent, and :func:`unavailable`
-says why.
+- :func:`linear` (``gemv.cpp``): ``x @ W.T`` for the few rows of a decode step on a dense
+  float32 or bfloat16 weight, at the speed the weight streams from memory;
+- :func:`decode_attention` (``attention.cpp``): one new token per cache row attending
+  over that row's cached keys and values, each read once, in float32.
+
+The sources say why each exists. Both are candidates that :mod:`llama.kernel_choice`
+times on each machine against torch's (``"gemv"`` in :data:`llama.linear_kernels.KERNELS`;
+``"native-attention"`` against ``"sdpa"``), never defaults: where the CPU, the compiler
+or the thread runtime is missing, the candidate is simply absent, and
+:func:`unavailable` says why.
 
 Building: the machine's C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``)
-compiles the file once per instruction set (AVX2+FMA, AVX-512, AVX512-BF16) into one
+compiles the sources once per instruction set (AVX2+FMA, AVX-512, AVX512-BF16) into one
 shared library, cached under ``~/.cache/llama/native/`` (``$LLAMA_NATIVE_CACHE``) by a
-hash of the source, the compiler and its flags; about a second, once. The library needs
+hash of the sources, the compiler and its flags; a few seconds, once. The library needs
 no torch headers: it is plain C ABI, with OpenMP threads from the ``libgomp`` that torch
 has already loaded (the same soname resolves to it), so it shares torch's thread pool
 instead of starting a second one. Where torch's threads are not GNU OpenMP (e.g. a build
@@ -27,32 +31,45 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import Callable, Dict, Iterable, NamedTuple, Optional, Tuple
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = ("gemv.cpp", "attention.cpp")  # and simd.h, which both include
 CACHE_ENV = "LLAMA_NATIVE_CACHE"
-# instruction set -> (compiler flags, cpuinfo flags the CPU needs, entry points: dtype -> (name, K step))
+# instruction set -> (compiler flags, cpuinfo flags the CPU needs, dtype -> (entry points' suffix, step)):
+# the entry points are llama_linear_<suffix> and llama_decode_attention_<suffix>; the inner size
+# (linear) or head size (attention) must be a multiple of the step.
 ISAS: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...], Dict[torch.dtype, Tuple[str, int]]]] = {
     "avx512bf16": (
         ("-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16", "-mfma"),
         ("avx512f", "avx512bw", "avx512_bf16"),
-        {torch.bfloat16: ("llama_linear_bf16_avx512bf16", 32)},
+        {torch.bfloat16: ("bf16_avx512bf16", 32)},
     ),
     "avx512": (
         ("-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma"),
         ("avx512f", "avx512bw"),
-        {torch.float32: ("llama_linear_f32_avx512", 16)},
+        {torch.float32: ("f32_avx512", 16)},
     ),
     "avx2": (
         ("-mavx2", "-mfma"),
         ("avx2", "fma"),
-        {torch.float32: ("llama_linear_f32_avx2", 8), torch.bfloat16: ("llama_linear_bf16_avx2", 16)},
+        {torch.float32: ("f32_avx2", 8), torch.bfloat16: ("bf16_avx2", 16)},
     ),
 }
 MAX_ROWS = 16  # more rows than this (prefill) go to torch: there the product is compute-bound and oneDNN/MKL block for it
-_ARGTYPES = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+_LINEAR_ARGS = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]  # x, w, y, M, N, K, threads
+# q, k, v, out, lengths, B, H, KVH, S, D, scale, threads
+_ATTENTION_ARGS = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int]
+
+
+class Entries(NamedTuple):
+    """One dtype's kernels, of the best instruction set the CPU has."""
+
+    linear: Callable
+    attention: Callable
+    step: int  # the inner size (linear) and head size (attention) must be multiples of this
 
 
 def _cache_dir() -> Path:
@@ -79,13 +96,13 @@ def _torch_uses_libgomp() -> bool:
         return False
 
 
-# dtype -> (entry point, K step) that linear() calls: those of the latest _library() call
-_ENTRIES: Dict[torch.dtype, Tuple[Callable, int]] = {}
+# dtype -> the kernels that linear() and decode_attention() call: those of the latest _library() call
+_ENTRIES: Dict[torch.dtype, Entries] = {}
 
 
-def _library(flags: Iterable[str]) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dtype, Tuple[Callable, int]], str]:
-    """(library, dtype -> (entry point, K step) of the best instruction set among ``flags``
-    (cpuinfo names), why there is none); built or found in the cache. :func:`linear` then uses these."""
+def _library(flags: Iterable[str]) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dtype, Entries], str]:
+    """(library, dtype -> kernels of the best instruction set among ``flags`` (cpuinfo names),
+    why there is none); built or found in the cache. :func:`linear` and :func:`decode_attention` then use these."""
     lib, entries, why = _load(frozenset(flags))
     _ENTRIES.clear()
     _ENTRIES.update(entries)
@@ -93,7 +110,7 @@ def _library(flags: Iterable[str]) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dt
 
 
 @functools.lru_cache(maxsize=None)
-def _load(flags: frozenset) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dtype, Tuple[Callable, int]], str]:
+def _load(flags: frozenset) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dtype, Entries], str]:
     if platform.machine().lower() not in ("x86_64", "amd64") or not sys.platform.startswith("linux"):
         return None, {}, f"no native kernels for {platform.machine()} on {sys.platform} (x86-64 Linux only)"
     if not _torch_uses_libgomp():
@@ -104,7 +121,7 @@ def _load(flags: frozenset) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dtype, Tu
     compiler = _compiler()
     if compiler is None:
         return None, {}, "no C++ compiler (set CXX, or install g++ or clang++)"
-    source = SOURCE.read_bytes()
+    source = b"".join((CSRC / name).read_bytes() for name in (*SOURCES, "simd.h"))
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
@@ -119,32 +136,37 @@ def _load(flags: frozenset) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dtype, Tu
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         return None, {}, f"could not load {path}: {e}"
-    entries: Dict[torch.dtype, Tuple[Callable, int]] = {}
+    entries: Dict[torch.dtype, Entries] = {}
     for isa in isas:  # ISAS lists the faster instruction sets first
-        for dtype, (name, step) in ISAS[isa][2].items():
-            if dtype not in entries and hasattr(lib, name):
-                function = getattr(lib, name)
-                function.argtypes, function.restype = _ARGTYPES, None
-                entries[dtype] = (function, step)
+        for dtype, (suffix, step) in ISAS[isa][2].items():
+            names = (f"llama_linear_{suffix}", f"llama_decode_attention_{suffix}")
+            if dtype not in entries and all(hasattr(lib, name) for name in names):
+                linear_fn, attention_fn = (getattr(lib, name) for name in names)
+                linear_fn.argtypes, linear_fn.restype = _LINEAR_ARGS, None
+                attention_fn.argtypes, attention_fn.restype = _ATTENTION_ARGS, None
+                entries[dtype] = Entries(linear_fn, attention_fn, step)
     return lib, entries, ""
 
 
 def _build(compiler: str, isas, path: Path) -> str:
-    """Compile one object per instruction set, link them into ``path``; '' or what failed."""
+    """Compile one object per source and instruction set, link them into ``path``; '' or what failed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         objects = []
         for isa in isas:
-            obj = Path(tmp) / f"{isa}.o"
-            cmd = [compiler, "-std=c++17", "-O3", "-fPIC", "-fopenmp", f"-DLLAMA_ISA_{isa.upper()}", *ISAS[isa][0],
-                   "-c", str(SOURCE), "-o", str(obj)]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode == 0:
-                objects.append(str(obj))
-            else:  # e.g. a compiler too old for -mavx512bf16: the other instruction sets still build
-                print(f"llama: native kernels: {isa} did not compile: {done.stderr.strip()[-300:]}", file=sys.stderr)
+            outs = [Path(tmp) / f"{isa}-{name}.o" for name in SOURCES]
+            for name, obj in zip(SOURCES, outs):
+                cmd = [compiler, "-std=c++17", "-O3", "-fPIC", "-fopenmp", f"-DLLAMA_ISA_{isa.upper()}", *ISAS[isa][0],
+                       "-c", str(CSRC / name), "-o", str(obj)]
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode != 0:  # e.g. a compiler too old for -mavx512bf16: the other sets still build
+                    print(f"llama: native kernels: {name} for {isa} did not compile: {done.stderr.strip()[-300:]}",
+                          file=sys.stderr)
+                    break
+            else:
+                objects.extend(map(str, outs))
         if not objects:
-            return f"{compiler} compiled none of {SOURCE.name}'s instruction sets"
+            return f"{compiler} compiled the native kernels for none of the instruction sets {isas}"
         tmp_so = Path(tmp) / path.name
         done = subprocess.run([compiler, "-shared", "-fopenmp", *objects, "-o", str(tmp_so)], capture_output=True, text=True)
         if done.returncode != 0:
@@ -182,7 +204,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         or torch.compiler.is_compiling()
         or x.dtype != weight.dtype
         or x.device.type != "cpu"
-        or in_features % entry[1]
+        or in_features % entry.step
         or not 0 < rows <= MAX_ROWS
         or not weight.is_contiguous()
         or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
@@ -190,5 +212,43 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x, weight)
     x2 = x.reshape(rows, in_features).contiguous()  # (rows, in)
     y = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype)
-    entry[0](x2.data_ptr(), weight.data_ptr(), y.data_ptr(), rows, out_features, in_features, torch.get_num_threads())
+    entry.linear(x2.data_ptr(), weight.data_ptr(), y.data_ptr(), rows, out_features, in_features, torch.get_num_threads())
     return y
+
+
+def attends(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether :func:`decode_attention` has a kernel for these heads (after :func:`available` said yes for ``dtype``)."""
+    entry = _ENTRIES.get(dtype)
+    return entry is not None and head_dim % entry.step == 0
+
+
+def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) v for one query per cache row, over that row's first ``lengths[b]`` positions.
+
+    q: (bsz, heads, head_dim); cache_k, cache_v: one layer's whole cache (rows >= bsz,
+    kv_heads, max_seq_len, head_dim), of which rows ``0..bsz-1`` are read, query head ``h``
+    reading kv head ``h // (heads // kv_heads)``; lengths: (bsz,) int64, each in
+    ``1..max_seq_len``. Returns (bsz, heads, head_dim) in q's dtype. Needs :func:`attends`
+    (``ValueError`` otherwise): the caller picks torch's attention where it is false.
+    """
+    bsz, heads, head_dim = q.shape
+    rows, kv_heads, max_seq_len, cache_dim = cache_k.shape
+    entry = _ENTRIES.get(q.dtype)
+    if (
+        not attends(q.dtype, head_dim)
+        or cache_k.dtype != q.dtype or cache_v.dtype != q.dtype or cache_k.shape != cache_v.shape
+        or cache_dim != head_dim or rows < bsz or heads % kv_heads
+        or not (cache_k.is_contiguous() and cache_v.is_contiguous())
+        or q.device.type != "cpu" or cache_k.device.type != "cpu"
+        or lengths.shape != (bsz,) or lengths.dtype != torch.int64
+    ):
+        raise ValueError(
+            f"native decode attention cannot take q {tuple(q.shape)} {q.dtype} with a cache {tuple(cache_k.shape)} "
+            f"{cache_k.dtype} and lengths {tuple(lengths.shape)} {lengths.dtype}"
+        )
+    q = q.contiguous()
+    lengths = lengths.contiguous()
+    out = torch.empty_like(q)
+    entry.attention(q.data_ptr(), cache_k.data_ptr(), cache_v.data_ptr(), out.data_ptr(), lengths.data_ptr(),
+                    bsz, heads, kv_heads, max_seq_len, head_dim, head_dim ** -0.5, torch.get_num_threads())
+    return out

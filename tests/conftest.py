@@ -15,11 +15,11 @@ REAL_TOKENIZER = REPO.parent / "shared" / "llama2-tokenizer" / "tokenizer.model"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Tests run with fixed kernels (packed float weights where supported, int8 with bfloat16
-# activations for quantized ones): a choice measured on a busy machine could differ from run
-# to run, and between the ranks of the torchrun tests and their one-rank references. The
-# chooser itself is tested in test_kernel_choice.py. Its cache goes to a folder of this run,
-# not ~/.cache.
-os.environ.setdefault("LLAMA_KERNELS", "packed,int8")
+# activations for quantized ones, torch's attention): a choice measured on a busy machine could
+# differ from run to run, and between the ranks of the torchrun tests and their one-rank
+# references. The chooser itself is tested in test_kernel_choice.py, the native kernels against
+# torch's in test_native.py. Its cache goes to a folder of this run, not ~/.cache.
+os.environ.setdefault("LLAMA_KERNELS", "packed,int8,sdpa")
 os.environ.setdefault("LLAMA_KERNEL_CACHE", str(Path(tempfile.mkdtemp(prefix="llama-kernels-")) / "kernels.json"))
 
 from helpers import TRAINING_TEXT, make_checkpoint  # noqa: E402

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from llama import kernel_choice, native
+from llama.model import Segments
 
 FLAGS = kernel_choice.cpu_facts()["flags"]
 # each instruction set's flags alone, so that each set's entry points are the ones called
@@ -36,8 +37,8 @@ def rel_max_error(got, x, w):
 def test_every_entry_point_equals_f_linear(dtype, isa):
     need(dtype, ISA_FLAGS[isa])
     _, entries, _ = native._library(ISA_FLAGS[isa])
-    assert entries[dtype][0].__name__ == native.ISAS[isa][2][dtype][0]  # this set's kernel is the one called
-    step = entries[dtype][1]
+    assert entries[dtype].linear.__name__ == "llama_linear_" + native.ISAS[isa][2][dtype][0]  # this set's kernel is the one called
+    step = entries[dtype].step
     gen = torch.Generator().manual_seed(0)
     # rows 1 (the M == 1 path), 2-3 (one row tile plus a remainder), up to MAX_ROWS; outputs that
     # are not a multiple of the row tile (the last rows one at a time); inner sizes of several steps
@@ -58,7 +59,7 @@ def test_every_entry_point_equals_f_linear(dtype, isa):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda v: str(v).removeprefix("torch."))
 def test_what_the_kernels_do_not_cover_goes_to_torch(dtype, monkeypatch):
     need(dtype)
-    step = native._library(FLAGS)[1][dtype][1]
+    step = native._library(FLAGS)[1][dtype].step
     real, calls = F.linear, []
     monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w: calls.append(tuple(x.shape)) or real(x, w))
     w = torch.randn(16, 2 * step).to(dtype)
@@ -119,3 +120,77 @@ def test_no_compiler_means_no_candidate(tmp_path, monkeypatch):
         assert torch.equal(native.linear(x, w), F.linear(x, w))  # torch's, still right
     finally:
         native._load.cache_clear()
+
+
+def attention_reference(q, cache_k, cache_v, lengths):
+    """softmax(q k^T / sqrt(d)) v per row over its first lengths[b] positions, in float64."""
+    bsz, heads, head_dim = q.shape
+    rep = heads // cache_k.shape[1]
+    out = []
+    for b in range(bsz):
+        n = int(lengths[b])
+        k = cache_k[b, :, :n].double().repeat_interleave(rep, 0)  # (heads, n, head_dim)
+        v = cache_v[b, :, :n].double().repeat_interleave(rep, 0)
+        scores = q[b].double()[:, None, :] @ k.transpose(1, 2) * head_dim**-0.5  # (heads, 1, n)
+        out.append((torch.softmax(scores, -1) @ v)[:, 0])
+    return torch.stack(out)
+
+
+@pytest.mark.skipif(not CASES, reason=f"this CPU ({kernel_choice.describe_cpu()}) has no instruction set the kernels use")
+@pytest.mark.parametrize("dtype,isa", CASES, ids=lambda v: str(v).removeprefix("torch."))
+def test_every_decode_attention_entry_point_equals_softmax_attention(dtype, isa):
+    need(dtype, ISA_FLAGS[isa])
+    step = native._library(ISA_FLAGS[isa])[1][dtype].step
+    gen = torch.Generator().manual_seed(0)
+    # (rows, heads, kv heads, cache length, lengths): one position; ragged lengths over rows (fewer and more
+    # than a key tile, the whole cache); grouped heads, down to one kv head; head sizes of one to four steps
+    for bsz, heads, kv_heads, seq, lengths, head_dim in [
+        (1, 4, 4, 16, [1], step), (3, 8, 2, 100, [1, 37, 100], 2 * step), (2, 4, 1, 40, [17, 33], 4 * step),
+        (4, 6, 3, 70, [70, 16, 15, 1], step),
+    ]:
+        q = torch.randn(bsz, heads, head_dim, generator=gen).to(dtype)
+        # the cache has more rows than the batch; scores of a few units, as in a trained model
+        cache_k = (2 * torch.randn(bsz + 1, kv_heads, seq, head_dim, generator=gen)).to(dtype)
+        cache_v = torch.randn(bsz + 1, kv_heads, seq, head_dim, generator=gen).to(dtype)
+        lengths = torch.tensor(lengths)
+        got = native.decode_attention(q, cache_k, cache_v, lengths)
+        err = (got.double() - attention_reference(q, cache_k, cache_v, lengths)).abs().max().item()
+        assert got.dtype == dtype and got.shape == q.shape
+        assert err < (1e-5 if dtype == torch.float32 else 2e-2), (bsz, heads, kv_heads, seq, head_dim, err)
+    with pytest.raises(ValueError, match="cannot take"):  # heads that its kv heads do not divide
+        native.decode_attention(torch.zeros(1, 3, step, dtype=dtype), torch.zeros(1, 2, 4, step, dtype=dtype),
+                                torch.zeros(1, 2, 4, step, dtype=dtype), torch.tensor([1]))
+
+
+@pytest.mark.parametrize("config", ["plain", "gqa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda v: str(v).removeprefix("torch."))
+def test_model_decodes_the_same_with_native_attention(config, dtype):
+    from llama.checkpoint import random_state_dict
+    from llama.model import ModelArgs, Transformer
+
+    need(dtype)
+    heads = {"plain": dict(n_heads=4), "gqa": dict(n_heads=8, n_kv_heads=2)}[config]
+    args = ModelArgs(dim=256, n_layers=2, multiple_of=64, vocab_size=300, max_seq_len=64, max_batch_size=3, **heads)
+    if not native.attends(dtype, args.head_dim):
+        pytest.skip(f"no native attention for head size {args.head_dim} in {dtype}")
+    model = Transformer(args, dtype=dtype).requires_grad_(False)
+    model.load_state_dict({k: v.to(dtype) for k, v in random_state_dict(args, seed=1, std=0.1).items()})
+    model.allocate_buffers("cpu", dtype)
+    prompts = [torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 17, 30)]
+
+    def decode(kernel):
+        for block in model.layers:
+            block.attention.decode_attention = kernel
+        with torch.inference_mode():
+            for row, prompt in enumerate(prompts):  # each row its own prompt length: its own position
+                model.prefill(prompt, Segments([row], [0], [len(prompt)]))
+            positions = torch.tensor([len(p) for p in prompts])
+            tokens = torch.tensor([[7], [8], [9]])
+            ragged = model.decode_step(tokens, positions, kv_len=int(positions.max()) + 1)  # rows at their own positions
+            same = model.decode_step(tokens, torch.full((3,), 31), same_position=31)  # every row at one position
+        return ragged, same
+
+    want, got = decode("sdpa"), decode("native-attention")
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for g, w in zip(got, want):
+        assert ((g - w).norm() / w.norm()).item() < tol

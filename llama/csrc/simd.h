@@ -1,0 +1,212 @@
+// Vector operations shared by the native kernels (gemv.cpp, attention.cpp), one struct per
+// instruction set and dtype. Each .cpp file is compiled once per instruction set, with
+// -DLLAMA_ISA_AVX2 (-mavx2 -mfma), -DLLAMA_ISA_AVX512 (-mavx512f -mavx512bw -mavx512dq -mavx512vl
+// -mfma) or -DLLAMA_ISA_AVX512BF16 (the same and -mavx512bf16), and defines only that set's ops.
+//
+// An Op has:
+//   T           the element type (float, or uint16_t holding bfloat16 bits)
+//   X, Acc      an activation chunk of kStep elements; a float32 accumulator of kLanes lanes
+//   zero()      a zero accumulator
+//   load_x(p)   kStep elements of an activation (or query) row
+//   madd(a,x,w) a += the products of x and kStep elements of a weight (or key) row at w
+//   reduce<n>   out[i] = the sum of a[i]'s lanes, for n accumulators
+//   widen(p)    kLanes elements at p as float32 lanes            (attention: value rows)
+//   store(p,a)  kLanes float32 lanes to kLanes elements of T at p (rounded to nearest even)
+//   loadf, storef, set1, mul, fmadd, max, exp, hmax, hsum on float32 lanes (attention: softmax)
+
+#pragma once
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+// Internal linkage: each instruction set's object has its own copies. With external linkage the
+// linker would keep one copy of each inline function, possibly the AVX-512 one, for every object.
+namespace {
+
+inline uint16_t to_bf16(float f) {  // round to nearest even, as torch's float -> bfloat16
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+inline float from_bf16(uint16_t h) {
+  uint32_t u = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+inline void put(float *y, float v) { *y = v; }
+inline void put(uint16_t *y, float v) { *y = to_bf16(v); }
+inline float get(const float *x) { return *x; }
+inline float get(const uint16_t *x) { return from_bf16(*x); }
+
+// e^x on float32 lanes: 2^n * e^f, n = round(x / ln 2), |f| <= ln(2)/2, e^f by its Taylor series
+// to f^6 (relative error below 2e-7); x clamped to [-87, 88] (e^-87 ~ 1.6e-38: zero for a softmax).
+#define LLAMA_EXP_BODY(V, set1, add, mul, fmadd, roundn, scale2n, clampmin, clampmax)               \
+  x = clampmax(clampmin(x, set1(-87.0f)), set1(88.0f));                                               \
+  V n = roundn(mul(x, set1(1.44269504088896341f)));                                                   \
+  V f = fmadd(n, set1(-0.693359375f), x);                                                            \
+  f = fmadd(n, set1(2.12194440e-4f), f);                                                              \
+  V p = set1(1.0f / 720);                                                                             \
+  p = fmadd(p, f, set1(1.0f / 120));                                                                  \
+  p = fmadd(p, f, set1(1.0f / 24));                                                                   \
+  p = fmadd(p, f, set1(1.0f / 6));                                                                    \
+  p = fmadd(p, f, set1(0.5f));                                                                        \
+  p = fmadd(p, f, set1(1.0f));                                                                        \
+  p = fmadd(p, f, set1(1.0f));                                                                        \
+  return scale2n(p, n);
+
+#if defined(LLAMA_ISA_AVX512) || defined(LLAMA_ISA_AVX512BF16)
+// ---------------------------------------------------------------------------------------- AVX-512
+
+// lane i of the result: the sum of v[i]'s 16 lanes (one transpose tree instead of 16 reductions)
+inline __m512 sum16(const __m512 *v) {
+  __m512 g[4];
+  for (int q = 0; q < 4; q++) {
+    const __m512 *u = v + 4 * q;
+    __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(u[0], u[1]), _mm512_unpackhi_ps(u[0], u[1]));
+    __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(u[2], u[3]), _mm512_unpackhi_ps(u[2], u[3]));
+    g[q] = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, 0x44), _mm512_shuffle_ps(s01, s23, 0xEE));
+  }
+  __m512 h01 = _mm512_add_ps(_mm512_shuffle_f32x4(g[0], g[1], 0x44), _mm512_shuffle_f32x4(g[0], g[1], 0xEE));
+  __m512 h23 = _mm512_add_ps(_mm512_shuffle_f32x4(g[2], g[3], 0x44), _mm512_shuffle_f32x4(g[2], g[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(h01, h23, 0x88), _mm512_shuffle_f32x4(h01, h23, 0xDD));
+}
+
+inline __m512 round512(__m512 v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+
+struct Lanes512 {  // float32 lanes: what both AVX-512 Ops share
+  using Acc = __m512;
+  static constexpr int kLanes = 16;
+  static Acc zero() { return _mm512_setzero_ps(); }
+  static Acc set1(float v) { return _mm512_set1_ps(v); }
+  static Acc loadf(const float *p) { return _mm512_loadu_ps(p); }
+  static void storef(float *p, Acc a) { _mm512_storeu_ps(p, a); }
+  static Acc mul(Acc a, Acc b) { return _mm512_mul_ps(a, b); }
+  static Acc add(Acc a, Acc b) { return _mm512_add_ps(a, b); }
+  static Acc fmadd(Acc a, Acc b, Acc c) { return _mm512_fmadd_ps(a, b, c); }
+  static Acc max(Acc a, Acc b) { return _mm512_max_ps(a, b); }
+  static float hmax(Acc a) { return _mm512_reduce_max_ps(a); }
+  static float hsum(Acc a) { return _mm512_reduce_add_ps(a); }
+  static Acc exp(Acc x) { LLAMA_EXP_BODY(__m512, _mm512_set1_ps, _mm512_add_ps, _mm512_mul_ps, _mm512_fmadd_ps, round512, _mm512_scalef_ps, _mm512_max_ps, _mm512_min_ps) }
+  template <int n>
+  static void reduce(const Acc *a, float *out) {
+    if constexpr (n == 16) {
+      _mm512_storeu_ps(out, sum16(a));
+    } else {
+      for (int i = 0; i < n; i++) out[i] = _mm512_reduce_add_ps(a[i]);
+    }
+  }
+};
+#endif
+
+#if defined(LLAMA_ISA_AVX512)
+struct F32Avx512 : Lanes512 {  // float32: 16 products per FMA
+  using T = float;
+  using X = __m512;
+  static constexpr int kStep = 16;
+  static X load_x(const T *x) { return _mm512_loadu_ps(x); }
+  static Acc madd(Acc a, X x, const T *w) { return _mm512_fmadd_ps(x, _mm512_loadu_ps(w), a); }
+  static Acc widen(const T *p) { return _mm512_loadu_ps(p); }
+  static void store(T *p, Acc a) { _mm512_storeu_ps(p, a); }
+};
+#endif
+
+#if defined(LLAMA_ISA_AVX512BF16)
+struct Bf16Avx512 : Lanes512 {  // bfloat16 with AVX512-BF16: 32 products (pairs) per vdpbf16ps
+  using T = uint16_t;
+  using X = __m512bh;
+  static constexpr int kStep = 32;
+  static X load_x(const T *x) { return (__m512bh)_mm512_loadu_si512(x); }
+  static Acc madd(Acc a, X x, const T *w) { return _mm512_dpbf16_ps(a, x, (__m512bh)_mm512_loadu_si512(w)); }
+  static Acc widen(const T *p) {  // bfloat16 -> float32 is a 16-bit shift
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+  }
+  static void store(T *p, Acc a) { _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(a)); }
+};
+#endif
+
+#if defined(LLAMA_ISA_AVX2)
+// ------------------------------------------------------------------------------------------ AVX2
+
+inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float hmax256(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline __m256 round256(__m256 v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline __m256 scale2n256(__m256 p, __m256 n) {  // p * 2^n for integral n in [-126, 127]
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+struct Lanes256 {
+  using Acc = __m256;
+  static constexpr int kLanes = 8;
+  static Acc zero() { return _mm256_setzero_ps(); }
+  static Acc set1(float v) { return _mm256_set1_ps(v); }
+  static Acc loadf(const float *p) { return _mm256_loadu_ps(p); }
+  static void storef(float *p, Acc a) { _mm256_storeu_ps(p, a); }
+  static Acc mul(Acc a, Acc b) { return _mm256_mul_ps(a, b); }
+  static Acc add(Acc a, Acc b) { return _mm256_add_ps(a, b); }
+  static Acc fmadd(Acc a, Acc b, Acc c) { return _mm256_fmadd_ps(a, b, c); }
+  static Acc max(Acc a, Acc b) { return _mm256_max_ps(a, b); }
+  static float hmax(Acc a) { return hmax256(a); }
+  static float hsum(Acc a) { return hsum256(a); }
+  static Acc exp(Acc x) { LLAMA_EXP_BODY(__m256, _mm256_set1_ps, _mm256_add_ps, _mm256_mul_ps, _mm256_fmadd_ps, round256, scale2n256, _mm256_max_ps, _mm256_min_ps) }
+  template <int n>
+  static void reduce(const Acc *a, float *out) {
+    for (int i = 0; i < n; i++) out[i] = hsum256(a[i]);
+  }
+};
+
+struct F32Avx2 : Lanes256 {  // float32: 8 products per FMA
+  using T = float;
+  using X = __m256;
+  static constexpr int kStep = 8;
+  static X load_x(const T *x) { return _mm256_loadu_ps(x); }
+  static Acc madd(Acc a, X x, const T *w) { return _mm256_fmadd_ps(x, _mm256_loadu_ps(w), a); }
+  static Acc widen(const T *p) { return _mm256_loadu_ps(p); }
+  static void store(T *p, Acc a) { _mm256_storeu_ps(p, a); }
+};
+
+inline __m256 bf16x8(__m128i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)); }
+
+struct Bf16Avx2 : Lanes256 {  // bfloat16 without AVX512-BF16: widened to float32, 16 products per two FMAs
+  using T = uint16_t;
+  struct X {
+    __m256 lo, hi;
+  };
+  static constexpr int kStep = 16;
+  static X load_x(const T *x) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)x);
+    return X{bf16x8(_mm256_castsi256_si128(v)), bf16x8(_mm256_extracti128_si256(v, 1))};
+  }
+  static Acc madd(Acc a, X x, const T *w) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)w);
+    return _mm256_fmadd_ps(x.hi, bf16x8(_mm256_extracti128_si256(v, 1)), _mm256_fmadd_ps(x.lo, bf16x8(_mm256_castsi256_si128(v)), a));
+  }
+  static Acc widen(const T *p) { return bf16x8(_mm_loadu_si128((const __m128i *)p)); }
+  static void store(T *p, Acc a) {
+    float f[8];
+    _mm256_storeu_ps(f, a);
+    for (int i = 0; i < 8; i++) p[i] = to_bf16(f[i]);
+  }
+};
+#endif
+
+}  // namespace
