@@ -26,7 +26,8 @@ def test_doctor_prints_every_section(tmp_path, tiny_checkpoint):
     # every distinct shape of the tiny model (dim 64, hidden 192, vocab 320) gets a pick
     for shape in ("64x64", "192x64", "64x192", "320x64"):
         assert shape in out, out
-    assert out.count("->") == 3 * 4
+    assert out.count("->") == 3 * 4 + 2  # and the decode attention, for each float dtype
+    assert out.count("attention: 4 heads, 4 kv heads of 16") == 2
     assert (tmp_path / "kernels.json").exists()
     again = doctor(tmp_path, "--ckpt_dir", str(tiny_checkpoint), "--no-bandwidth", "--dtypes", "float32", "--no-int8")
     assert "not measured" in again and again.count("->") == 4
