@@ -190,29 +190,36 @@ def available(dtype: torch.dtype, flags: Iterable[str]) -> bool:
     return not unavailable(dtype, flags)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` (``F.linear`` without bias) with the native kernel where it applies:
-    a CPU ``weight`` of a dtype :func:`available` covers, ``x`` of the same dtype with at most
-    :data:`MAX_ROWS` rows, the inner size a multiple of the kernel's step, and no gradient
-    wanted, and :func:`available` said yes. Anything else goes to ``F.linear``, so the
-    result is always right. Under ``torch.compile`` it is ``F.linear``: Inductor picks."""
+def covers(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`linear` computes ``x @ weight.T`` with its own kernel: a CPU ``weight``
+    of a dtype :func:`available` said yes for, ``x`` of the same dtype with at most
+    :data:`MAX_ROWS` rows, the inner size a multiple of the kernel's step, a row-major
+    weight, no gradient wanted, and not under ``torch.compile`` (Inductor picks there)."""
     entry = _ENTRIES.get(weight.dtype)
-    out_features, in_features = weight.shape
-    rows = x.numel() // in_features if in_features else 0
-    if (
-        entry is None
-        or torch.compiler.is_compiling()
-        or x.dtype != weight.dtype
-        or x.device.type != "cpu"
-        or in_features % entry.step
-        or not 0 < rows <= MAX_ROWS
-        or not weight.is_contiguous()
-        or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-    ):
+    in_features = weight.shape[-1]
+    return (
+        entry is not None
+        and not torch.compiler.is_compiling()
+        and x.dtype == weight.dtype
+        and x.device.type == "cpu"
+        and in_features % entry.step == 0
+        and 0 < x.numel() // in_features <= MAX_ROWS
+        and weight.is_contiguous()
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` (``F.linear`` without bias): the native kernel where :func:`covers`
+    says so, else ``F.linear``, so the result is always right."""
+    if not covers(x, weight):
         return torch.nn.functional.linear(x, weight)
+    out_features, in_features = weight.shape
+    rows = x.numel() // in_features
     x2 = x.reshape(rows, in_features).contiguous()  # (rows, in)
     y = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype)
-    entry.linear(x2.data_ptr(), weight.data_ptr(), y.data_ptr(), rows, out_features, in_features, torch.get_num_threads())
+    _ENTRIES[weight.dtype].linear(x2.data_ptr(), weight.data_ptr(), y.data_ptr(), rows, out_features, in_features,
+                                  torch.get_num_threads())
     return y
 
 
