@@ -152,7 +152,7 @@ def report(
             print(f"{str(dtype).removeprefix('torch.') + (' int8' if layout == 'int8' else ''):<13} {shape[0]}x{shape[1]} "
                   f"({names}): {cells}")
     print(f"\ncache      {kernel_choice.cache_path()} (${kernel_choice.CACHE_ENV}); override with "
-          f"${kernel_choice.KERNELS_ENV}=dense|gemv|packed|int8|int8-fp32[,sdpa|native-attention] or Llama.build(kernels=...)")
+          f"${kernel_choice.KERNELS_ENV}=dense|gemv|packed|int8|int8-fp32|int8-gemv[,sdpa|native-attention] or Llama.build(kernels=...)")
     return 0
 
 

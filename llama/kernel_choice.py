@@ -15,7 +15,8 @@ fastest is kept:
   (oneDNN's blocked layout, where this CPU can pack the dtype: float32 always, bfloat16
   with AVX512-BF16 or AMX);
 - int8 weights (``quantize="int8"``): ``int8`` (``aten._weight_int8pack_mm`` with
-  bfloat16 activations for a float32 model) and ``int8-fp32`` (float32 activations).
+  bfloat16 activations for a float32 model), ``int8-fp32`` (float32 activations) and
+  ``int8-gemv`` (our AVX512-VNNI kernel, :func:`llama.native.int8_linear`, where it builds).
 
 The decode step's attention is chosen the same way (layout ``"attention"``, shape heads x
 kv heads x head size x the positions it is timed over): ``sdpa`` (torch's
@@ -273,11 +274,14 @@ def read_bandwidth(device: torch.device = torch.device("cpu"), repeats: int = 7,
 def candidates(device: torch.device, dtype: torch.dtype, layout: str) -> List[str]:
     """Kernel names that can run a ``layout`` (``"float"`` or ``"int8"``) weight of a ``dtype`` model on ``device``;
     the layout's default first."""
+    cpu = torch.device(device).type == "cpu"
     if layout == "int8":
-        cpu_int8 = torch.device(device).type == "cpu" and dtype == torch.float32
-        return ["int8", "int8-fp32"] if cpu_int8 else ["int8"]
+        names = ["int8", "int8-fp32"] if cpu and dtype == torch.float32 else ["int8"]
+        if cpu and native.int8_available(dtype, cpu_facts()["flags"]):
+            names.append("int8-gemv")
+        return names
     names = ["dense"]
-    if torch.device(device).type == "cpu" and native.available(dtype, cpu_facts()["flags"]):
+    if cpu and native.available(dtype, cpu_facts()["flags"]):
         names.append("gemv")
     if packed_linear.packing_supported(device, dtype):
         names.append("packed")
@@ -350,7 +354,7 @@ def _random_layer(kernel: str, shape: Tuple[int, int], dtype: torch.dtype, gen: 
     out_features, in_features = shape
     if kernel.startswith("int8"):
         weight = torch.randint(-127, 128, shape, dtype=torch.int8, generator=gen)
-        scale_dtype = torch.float32 if kernel == "int8-fp32" else torch.bfloat16 if dtype == torch.float32 else dtype
+        scale_dtype = torch.float32 if kernel in ("int8-fp32", "int8-gemv") else torch.bfloat16 if dtype == torch.float32 else dtype
         return SimpleNamespace(weight=weight, scales=(torch.rand(out_features, generator=gen) / 1000).to(scale_dtype))
     weight = (torch.rand(shape, generator=gen) - 0.5).to(dtype)
     if kernel == "packed":
@@ -461,8 +465,8 @@ def pick(timings: Dict[str, Dict[int, float]], default: str) -> str:
 
 def parse_override(text: Optional[str], what: str = KERNELS_ENV) -> Dict[str, str]:
     """``"auto"`` (or empty) -> {}; else a comma-separated list of kernel names, at most one
-    per layout: ``dense``, ``gemv`` or ``packed`` for float weights, ``int8`` or ``int8-fp32`` for
-    int8 ones, ``sdpa`` or ``native-attention`` for the decode attention. Returns {layout:
+    per layout: ``dense``, ``gemv`` or ``packed`` for float weights, ``int8``, ``int8-fp32`` or
+    ``int8-gemv`` for int8 ones, ``sdpa`` or ``native-attention`` for the decode attention. Returns {layout:
     name}; a layout not named is still measured."""
     override: Dict[str, str] = {}
     if not text or text.strip().lower() == "auto":
@@ -769,8 +773,8 @@ def apply(model: nn.Module, plan: Plan, on_packed=None) -> int:
             layer.set_weight(layer.weight.to_dense(), kernel=linear_kernels.KERNELS[want])
         elif linear_kernels.layout(want) == "dense":  # dense <-> gemv: the same tensor
             layer.set_weight(layer.weight.data, kernel=linear_kernels.KERNELS[want])
-        else:  # int8 <-> int8-fp32
-            scales = layer.scales.float() if want == "int8-fp32" else layer.scales
+        else:  # between int8 kernels: int8-fp32 and int8-gemv read float32 scales
+            scales = layer.scales.float() if want in ("int8-fp32", "int8-gemv") else layer.scales
             layer.set_weight(layer.weight, scales, linear_kernels.KERNELS[want])
         changed += 1
     return changed

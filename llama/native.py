@@ -57,11 +57,20 @@ ISAS: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...], Dict[torch.dtype, Tuple[
         ("avx2", "fma"),
         {torch.float32: ("f32_avx2", 8), torch.bfloat16: ("bf16_avx2", 16)},
     ),
+    "avx512vnni": (  # int8 weights only: INT8_ENTRIES
+        ("-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mfma"),
+        ("avx512f", "avx512bw", "avx512_vnni"),
+        {},
+    ),
 }
+# int8 weights (per-row float32 scales) x activations of a dtype: instruction set -> dtype -> entry point
+INT8_ENTRIES = {"avx512vnni": {torch.float32: "llama_linear_i8_f32_avx512vnni", torch.bfloat16: "llama_linear_i8_bf16_avx512vnni"}}
+INT8_STEP = 64  # the inner size must be a multiple of this
 MAX_ROWS = 16  # more rows than this (prefill) go to torch: there the product is compute-bound and oneDNN/MKL block for it
 _LINEAR_ARGS = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]  # x, w, y, M, N, K, threads
 # q, k, v, out, lengths, B, H, KVH, S, D, scale, threads
 _ATTENTION_ARGS = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int]
+_INT8_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]  # x, w, w_scale, y, M, N, K, threads
 
 
 class Entries(NamedTuple):
@@ -98,44 +107,48 @@ def _torch_uses_libgomp() -> bool:
 
 # dtype -> the kernels that linear() and decode_attention() call: those of the latest _library() call
 _ENTRIES: Dict[torch.dtype, Entries] = {}
+# activation dtype -> the int8 kernel that int8_linear() calls (same)
+_INT8: Dict[torch.dtype, Callable] = {}
 
 
 def _library(flags: Iterable[str]) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dtype, Entries], str]:
     """(library, dtype -> kernels of the best instruction set among ``flags`` (cpuinfo names),
     why there is none); built or found in the cache. :func:`linear` and :func:`decode_attention` then use these."""
-    lib, entries, why = _load(frozenset(flags))
+    lib, entries, int8, why = _load(frozenset(flags))
     _ENTRIES.clear()
     _ENTRIES.update(entries)
+    _INT8.clear()
+    _INT8.update(int8)
     return lib, entries, why
 
 
 @functools.lru_cache(maxsize=None)
-def _load(flags: frozenset) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dtype, Entries], str]:
+def _load(flags: frozenset) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dtype, Entries], Dict[torch.dtype, Callable], str]:
     if platform.machine().lower() not in ("x86_64", "amd64") or not sys.platform.startswith("linux"):
-        return None, {}, f"no native kernels for {platform.machine()} on {sys.platform} (x86-64 Linux only)"
+        return None, {}, {}, f"no native kernels for {platform.machine()} on {sys.platform} (x86-64 Linux only)"
     if not _torch_uses_libgomp():
-        return None, {}, "torch's threads are not GNU OpenMP (libgomp) here: the kernels would start a second thread pool"
+        return None, {}, {}, "torch's threads are not GNU OpenMP (libgomp) here: the kernels would start a second thread pool"
     isas = [isa for isa, (_, needs, _) in ISAS.items() if all(f in flags for f in needs)]
     if not isas:
-        return None, {}, "this CPU has neither AVX2+FMA nor AVX-512"
+        return None, {}, {}, "this CPU has neither AVX2+FMA nor AVX-512"
     compiler = _compiler()
     if compiler is None:
-        return None, {}, "no C++ compiler (set CXX, or install g++ or clang++)"
+        return None, {}, {}, "no C++ compiler (set CXX, or install g++ or clang++)"
     source = b"".join((CSRC / name).read_bytes() for name in (*SOURCES, "simd.h"))
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
-        return None, {}, f"{compiler} --version failed: {e}"
+        return None, {}, {}, f"{compiler} --version failed: {e}"
     key = hashlib.sha256(source + version.encode() + repr([(i, ISAS[i][0]) for i in isas]).encode()).hexdigest()[:16]
     path = _cache_dir() / f"gemv-{key}.so"
     if not path.exists():
         error = _build(compiler, isas, path)
         if error:
-            return None, {}, error
+            return None, {}, {}, error
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
-        return None, {}, f"could not load {path}: {e}"
+        return None, {}, {}, f"could not load {path}: {e}"
     entries: Dict[torch.dtype, Entries] = {}
     for isa in isas:  # ISAS lists the faster instruction sets first
         for dtype, (suffix, step) in ISAS[isa][2].items():
@@ -145,7 +158,13 @@ def _load(flags: frozenset) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dtype, En
                 linear_fn.argtypes, linear_fn.restype = _LINEAR_ARGS, None
                 attention_fn.argtypes, attention_fn.restype = _ATTENTION_ARGS, None
                 entries[dtype] = Entries(linear_fn, attention_fn, step)
-    return lib, entries, ""
+    int8: Dict[torch.dtype, Callable] = {}
+    for isa in isas:
+        for dtype, name in INT8_ENTRIES.get(isa, {}).items():
+            if dtype not in int8 and hasattr(lib, name):
+                int8[dtype] = getattr(lib, name)
+                int8[dtype].argtypes, int8[dtype].restype = _INT8_ARGS, None
+    return lib, entries, int8, ""
 
 
 def _build(compiler: str, isas, path: Path) -> str:
@@ -220,6 +239,46 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     y = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype)
     _ENTRIES[weight.dtype].linear(x2.data_ptr(), weight.data_ptr(), y.data_ptr(), rows, out_features, in_features,
                                   torch.get_num_threads())
+    return y
+
+
+def int8_available(dtype: torch.dtype, flags: Iterable[str]) -> bool:
+    """Whether :func:`int8_linear` has a kernel of its own for a ``dtype`` model on a CPU with ``flags`` (AVX512-VNNI)."""
+    _library(flags)
+    return dtype in _INT8
+
+
+def covers_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> bool:
+    """Whether :func:`int8_linear` takes this call: as :func:`covers`, for an int8 ``weight``
+    with float32 per-row ``scales``, an inner size that is a multiple of :data:`INT8_STEP`."""
+    in_features = weight.shape[-1]
+    return (
+        x.dtype in _INT8
+        and not torch.compiler.is_compiling()
+        and weight.dtype == torch.int8
+        and scales.dtype == torch.float32
+        and x.device.type == "cpu"
+        and in_features % INT8_STEP == 0
+        and 0 < x.numel() // in_features <= MAX_ROWS
+        and weight.is_contiguous()
+        and scales.is_contiguous()
+        and not (torch.is_grad_enabled() and x.requires_grad)
+    )
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x @ (weight * scales[:, None]).T`` for int8 ``weight`` (out, in) and float32 per-row
+    ``scales``, in x's dtype, with AVX512-VNNI: x is quantized to int8 in blocks of 32 (a
+    scale each), as llama.cpp's Q8 activations. Needs :func:`covers_int8` (``ValueError`` otherwise)."""
+    if not covers_int8(x, weight, scales):
+        raise ValueError(f"the native int8 kernel cannot take x {tuple(x.shape)} {x.dtype} with weight "
+                         f"{tuple(weight.shape)} {weight.dtype} and scales {scales.dtype}")
+    out_features, in_features = weight.shape
+    rows = x.numel() // in_features
+    x2 = x.reshape(rows, in_features).contiguous()  # (rows, in)
+    y = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype)
+    _INT8[x.dtype](x2.data_ptr(), weight.data_ptr(), scales.data_ptr(), y.data_ptr(), rows, out_features, in_features,
+                   torch.get_num_threads())
     return y
 
 

@@ -194,3 +194,28 @@ def test_model_decodes_the_same_with_native_attention(config, dtype):
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     for g, w in zip(got, want):
         assert ((g - w).norm() / w.norm()).item() < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda v: str(v).removeprefix("torch."))
+def test_int8_kernel_equals_the_dequantized_product(dtype):
+    from llama.quantize import quantize_weight
+
+    if not native.int8_available(dtype, FLAGS):
+        pytest.skip(f"no native int8 kernel here (AVX512-VNNI): {native.unavailable(dtype, FLAGS) or 'no VNNI'}")
+    gen = torch.Generator().manual_seed(0)
+    step = native.INT8_STEP
+    for rows, out_features, in_features in [(1, 8, step), (1, 13, 3 * step), (3, 100, 4 * step), (8, 96, 12 * step),
+                                             (16, 17, 2 * step)]:
+        q, scales = quantize_weight(torch.randn(out_features, in_features, generator=gen), scale_dtype=torch.float32)
+        x = torch.randn(rows, in_features, generator=gen)
+        x[:, 5] *= 40  # a large channel: blocks of 32 keep the rest of the row's resolution
+        x = x.to(dtype)
+        want = x.double() @ (q.double() * scales.double()[:, None]).T
+        got = native.int8_linear(x, q, scales)
+        assert got.dtype == dtype and got.shape == (rows, out_features)
+        # the activations are rounded to int8 in blocks of 32: about 0.5% of the product
+        assert ((got.double() - want).norm() / want.norm()).item() < 1.5e-2, (rows, out_features, in_features)
+    assert not native.covers_int8(torch.zeros(native.MAX_ROWS + 1, step, dtype=dtype), q[:, :step].contiguous(), scales)
+    assert not native.covers_int8(torch.zeros(1, step, dtype=dtype), q[:, :step].contiguous(), scales.bfloat16())
+    with pytest.raises(ValueError, match="cannot take"):
+        native.int8_linear(torch.zeros(1, step + 1, dtype=dtype), torch.zeros(4, step + 1, dtype=torch.int8), scales[:4])

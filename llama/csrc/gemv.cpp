@@ -14,6 +14,16 @@
 // R x 2 (AVX-512: 8 x 2 = 16 accumulators, summed across lanes with one transpose tree).
 // K must be a multiple of the vector step (16 float32, 32 bfloat16 for AVX-512; 8 and 16 for
 // AVX2): the Python side checks and falls back to torch where it is not.
+//
+// int8 weights (llama/quantize.py: per-row scales, values in [-127, 127]) with AVX512-VNNI:
+// each call first quantizes x to int8 in blocks of 32 with a float32 scale per block (as
+// llama.cpp's Q8 activations: robust to a few large channels), then one vpdpbusd makes 64
+// int8 products: it multiplies unsigned by signed bytes, so the weights are read as w + 128
+// (an XOR of the sign bit) and 128 * sum(x) is taken off once per row of x. Each pair of
+// blocks' int32 sums is scaled by its block scales into float32 accumulators. K must be a
+// multiple of 64.
+
+#include <vector>
 
 #include "simd.h"
 
@@ -62,6 +72,97 @@ void linear(const typename Op::T *x, const typename Op::T *w, typename Op::T *y,
     for (int64_t m = 0; m < M; m++) tile<Op, 1, 1>(x, w, y, N, K, n, m);
 }
 
+#if defined(LLAMA_ISA_AVX512VNNI)
+// x rows quantized for the int8 kernel: int8 values, the block scales spread over the 16 lanes of
+// each 64-value chunk (lanes 0-7: the chunk's first block, 8-15: its second), and per row the
+// correction 128 * sum over blocks of scale * sum(values)
+struct QuantizedRows {
+  std::vector<int8_t> q;
+  std::vector<float> lane_scales, correction;
+};
+
+inline __m512 load16(const float *p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t *p) {  // bfloat16 -> float32: a 16-bit shift
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+template <class TX>
+void quantize_rows(const TX *x, int64_t M, int64_t K, QuantizedRows &out) {
+  out.q.resize(M * K);
+  out.lane_scales.resize(M * K / 4);
+  out.correction.resize(M);
+  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  for (int64_t m = 0; m < M; m++) {
+    double correction = 0;
+    for (int64_t b = 0; b < K / 32; b++) {
+      const TX *blk = x + m * K + b * 32;
+      const __m512 lo = load16(blk), hi = load16(blk + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(lo, abs_mask), _mm512_and_ps(hi, abs_mask)));
+      const float scale = amax / 127.0f;
+      const __m512 inv = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+      // rounded to nearest even (the default rounding mode); |v| <= 127
+      const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv)), qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
+      _mm_storeu_si128((__m128i *)(out.q.data() + m * K + b * 32), _mm512_cvtsepi32_epi8(qlo));
+      _mm_storeu_si128((__m128i *)(out.q.data() + m * K + b * 32 + 16), _mm512_cvtsepi32_epi8(qhi));
+      _mm256_storeu_ps(out.lane_scales.data() + m * K / 4 + b * 8, _mm256_set1_ps(scale));
+      correction += 128.0 * scale * _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+    }
+    out.correction[m] = (float)correction;
+  }
+}
+
+// rows n..n+R-1 of w against quantized rows m..m+MT-1 of x; y = w_scale * (sum - correction)
+template <class TY, int R, int MT>
+__attribute__((always_inline)) inline void tile_i8(const QuantizedRows &x, const int8_t *__restrict w,
+                                                   const float *__restrict w_scale, TY *__restrict y, int64_t N, int64_t K,
+                                                   int64_t n, int64_t m) {
+  __m512 a[R * MT];
+#pragma GCC unroll 16
+  for (int i = 0; i < R * MT; i++) a[i] = _mm512_setzero_ps();
+  const __m512i sign = _mm512_set1_epi8((char)0x80);
+  const int8_t *wr = w + n * K;
+  for (int64_t k = 0; k < K; k += 64) {
+    __m512i xq[MT];
+    __m512 xs[MT];
+#pragma GCC unroll 8
+    for (int j = 0; j < MT; j++) {
+      xq[j] = _mm512_loadu_si512(x.q.data() + (m + j) * K + k);
+      xs[j] = _mm512_loadu_ps(x.lane_scales.data() + (m + j) * K / 4 + k / 4);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) {
+      const __m512i wu = _mm512_xor_si512(_mm512_loadu_si512(wr + r * K + k), sign);  // w + 128, unsigned
+#pragma GCC unroll 8
+      for (int j = 0; j < MT; j++) {
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, xq[j]);  // 16 sums of 4 products
+        a[j * R + r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), xs[j], a[j * R + r]);
+      }
+    }
+  }
+  float out[R * MT];
+  Lanes512::reduce<R * MT>(a, out);
+  for (int j = 0; j < MT; j++)
+    for (int r = 0; r < R; r++) put(y + (m + j) * N + n + r, w_scale[n + r] * (out[j * R + r] - x.correction[m + j]));
+}
+
+template <class TX>
+void linear_i8(const TX *x, const int8_t *w, const float *w_scale, TX *y, int64_t M, int64_t N, int64_t K, int threads) {
+  static thread_local QuantizedRows scratch;  // this calling thread's, reused: no allocation per call
+  QuantizedRows &rows = scratch;  // named here: inside the parallel region the name would be each worker's own
+  quantize_rows(x, M, K, rows);
+  constexpr int R = 8, MT = 2;
+  const int64_t tiles = N / R;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < tiles; t++) {
+    int64_t m = 0;
+    for (; m + MT <= M; m += MT) tile_i8<TX, R, MT>(rows, w, w_scale, y, N, K, t * R, m);
+    for (; m < M; m++) tile_i8<TX, R, 1>(rows, w, w_scale, y, N, K, t * R, m);
+  }
+  for (int64_t n = N / R * R; n < N; n++)  // the last rows, one at a time
+    for (int64_t m = 0; m < M; m++) tile_i8<TX, 1, 1>(rows, w, w_scale, y, N, K, n, m);
+}
+#endif
+
 }  // namespace
 
 // The entry points (ctypes): x (M, K), w (N, K), y (M, N), row-major and contiguous.
@@ -83,6 +184,17 @@ void llama_linear_f32_avx2(const float *x, const float *w, float *y, int64_t M, 
 }
 void llama_linear_bf16_avx2(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, int64_t N, int64_t K, int threads) {
   linear<Bf16Avx2, 4, 2>(x, w, y, M, N, K, threads);
+}
+#endif
+#if defined(LLAMA_ISA_AVX512VNNI)
+// int8 w (N, K) with float32 per-row scales w_scale (N,); x and y float32 or bfloat16
+void llama_linear_i8_f32_avx512vnni(const float *x, const int8_t *w, const float *w_scale, float *y, int64_t M, int64_t N,
+                                    int64_t K, int threads) {
+  linear_i8(x, w, w_scale, y, M, N, K, threads);
+}
+void llama_linear_i8_bf16_avx512vnni(const uint16_t *x, const int8_t *w, const float *w_scale, uint16_t *y, int64_t M,
+                                     int64_t N, int64_t K, int threads) {
+  linear_i8(x, w, w_scale, y, M, N, K, threads);
 }
 #endif
 }

@@ -1,7 +1,8 @@
 // Vector operations shared by the native kernels (gemv.cpp, attention.cpp), one struct per
 // instruction set and dtype. Each .cpp file is compiled once per instruction set, with
 // -DLLAMA_ISA_AVX2 (-mavx2 -mfma), -DLLAMA_ISA_AVX512 (-mavx512f -mavx512bw -mavx512dq -mavx512vl
-// -mfma) or -DLLAMA_ISA_AVX512BF16 (the same and -mavx512bf16), and defines only that set's ops.
+// -mfma), -DLLAMA_ISA_AVX512BF16 (the same and -mavx512bf16) or -DLLAMA_ISA_AVX512VNNI (the same
+// and -mavx512vnni: int8 weights, gemv.cpp), and defines only that set's ops.
 //
 // An Op has:
 //   T           the element type (float, or uint16_t holding bfloat16 bits)
@@ -61,7 +62,7 @@ inline float get(const uint16_t *x) { return from_bf16(*x); }
   p = fmadd(p, f, set1(1.0f));                                                                        \
   return scale2n(p, n);
 
-#if defined(LLAMA_ISA_AVX512) || defined(LLAMA_ISA_AVX512BF16)
+#if defined(LLAMA_ISA_AVX512) || defined(LLAMA_ISA_AVX512BF16) || defined(LLAMA_ISA_AVX512VNNI)
 // ---------------------------------------------------------------------------------------- AVX-512
 
 // lane i of the result: the sum of v[i]'s 16 lanes (one transpose tree instead of 16 reductions)
