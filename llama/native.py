@@ -168,22 +168,24 @@ def _load(flags: frozenset) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dtype, En
 
 
 def _build(compiler: str, isas, path: Path) -> str:
-    """Compile one object per source and instruction set, link them into ``path``; '' or what failed."""
+    """Compile one object per source and instruction set (all at once), link them into ``path``; '' or what failed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        objects = []
+        jobs = {}  # (isa, source) -> (object, process)
         for isa in isas:
-            outs = [Path(tmp) / f"{isa}-{name}.o" for name in SOURCES]
-            for name, obj in zip(SOURCES, outs):
+            for name in SOURCES:
+                obj = Path(tmp) / f"{isa}-{name}.o"
                 cmd = [compiler, "-std=c++17", "-O3", "-fPIC", "-fopenmp", f"-DLLAMA_ISA_{isa.upper()}", *ISAS[isa][0],
                        "-c", str(CSRC / name), "-o", str(obj)]
-                done = subprocess.run(cmd, capture_output=True, text=True)
-                if done.returncode != 0:  # e.g. a compiler too old for -mavx512bf16: the other sets still build
-                    print(f"llama: native kernels: {name} for {isa} did not compile: {done.stderr.strip()[-300:]}",
-                          file=sys.stderr)
-                    break
-            else:
-                objects.extend(map(str, outs))
+                jobs[(isa, name)] = (obj, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        failed = {}
+        for (isa, name), (_, process) in jobs.items():
+            output = process.communicate()[0]
+            if process.returncode != 0:  # e.g. a compiler too old for -mavx512bf16: the other sets still build
+                failed.setdefault(isa, f"{name}: {output.strip()[-300:]}")
+        for isa, why in failed.items():
+            print(f"llama: native kernels for {isa} did not compile ({why})", file=sys.stderr)
+        objects = [str(obj) for (isa, _), (obj, _) in jobs.items() if isa not in failed]
         if not objects:
             return f"{compiler} compiled the native kernels for none of the instruction sets {isas}"
         tmp_so = Path(tmp) / path.name
