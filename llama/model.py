@@ -140,6 +140,8 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if native.norms(x, self.weight):  # the same math in one call (eager, CPU): llama/csrc/norm_rope.cpp
+            return native.rms_norm(x, self.weight, self.eps)
         return self._norm(x.float()).type_as(x) * self.weight
 
 
@@ -161,6 +163,8 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     angles of each token's own position (rows of a batch may sit at different positions).
     Meta's layout pairs adjacent features (Hugging Face's permutes them into halves).
     """
+    if native.ropes(x, cos, sin):  # the same math in one call (eager, CPU): llama/csrc/norm_rope.cpp
+        return native.rope(x, cos, sin)
     # (bsz, seqlen, heads, head_dim) -> (bsz, seqlen, heads, head_dim/2, 2)
     pairs = x.float().unflatten(-1, (-1, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]

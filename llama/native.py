@@ -36,7 +36,7 @@ from typing import Callable, Dict, Iterable, NamedTuple, Optional, Tuple
 import torch
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("gemv.cpp", "attention.cpp")  # and simd.h, which both include
+SOURCES = ("gemv.cpp", "attention.cpp", "norm_rope.cpp")  # and simd.h, which they include
 CACHE_ENV = "LLAMA_NATIVE_CACHE"
 # instruction set -> (compiler flags, cpuinfo flags the CPU needs, dtype -> (entry points' suffix, step)):
 # the entry points are llama_linear_<suffix> and llama_decode_attention_<suffix>; the inner size
@@ -71,6 +71,10 @@ _LINEAR_ARGS = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]  # 
 # q, k, v, out, lengths, B, H, KVH, S, D, scale, threads
 _ATTENTION_ARGS = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int]
 _INT8_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]  # x, w, w_scale, y, M, N, K, threads
+_NORM_ARGS = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]  # x, w, y, rows, dim, eps
+_ROPE_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5  # x, cos, sin, y, B, S, H, D, cos rows
+# dtype -> (RMSNorm, RoPE) entry points (AVX2 objects: every CPU that has any of the kernels)
+ELEMENTWISE_ENTRIES = {torch.float32: ("llama_rms_norm_f32", "llama_rope_f32"), torch.bfloat16: ("llama_rms_norm_bf16", "llama_rope_bf16")}
 
 
 class Entries(NamedTuple):
@@ -109,46 +113,48 @@ def _torch_uses_libgomp() -> bool:
 _ENTRIES: Dict[torch.dtype, Entries] = {}
 # activation dtype -> the int8 kernel that int8_linear() calls (same)
 _INT8: Dict[torch.dtype, Callable] = {}
+# dtype -> (RMSNorm, RoPE) that rms_norm() and rope() call (same)
+_ELEMENTWISE: Dict[torch.dtype, Tuple[Callable, Callable]] = {}
 
 
 def _library(flags: Iterable[str]) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dtype, Entries], str]:
     """(library, dtype -> kernels of the best instruction set among ``flags`` (cpuinfo names),
     why there is none); built or found in the cache. :func:`linear` and :func:`decode_attention` then use these."""
-    lib, entries, int8, why = _load(frozenset(flags))
-    _ENTRIES.clear()
-    _ENTRIES.update(entries)
-    _INT8.clear()
-    _INT8.update(int8)
+    lib, entries, int8, elementwise, why = _load(frozenset(flags))
+    for table, new in ((_ENTRIES, entries), (_INT8, int8), (_ELEMENTWISE, elementwise)):
+        table.clear()
+        table.update(new)
     return lib, entries, why
 
 
 @functools.lru_cache(maxsize=None)
-def _load(flags: frozenset) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dtype, Entries], Dict[torch.dtype, Callable], str]:
+def _load(flags: frozenset) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dtype, Entries], Dict[torch.dtype, Callable],
+                                    Dict[torch.dtype, Tuple[Callable, Callable]], str]:
     if platform.machine().lower() not in ("x86_64", "amd64") or not sys.platform.startswith("linux"):
-        return None, {}, {}, f"no native kernels for {platform.machine()} on {sys.platform} (x86-64 Linux only)"
+        return None, {}, {}, {}, f"no native kernels for {platform.machine()} on {sys.platform} (x86-64 Linux only)"
     if not _torch_uses_libgomp():
-        return None, {}, {}, "torch's threads are not GNU OpenMP (libgomp) here: the kernels would start a second thread pool"
+        return None, {}, {}, {}, "torch's threads are not GNU OpenMP (libgomp) here: the kernels would start a second thread pool"
     isas = [isa for isa, (_, needs, _) in ISAS.items() if all(f in flags for f in needs)]
     if not isas:
-        return None, {}, {}, "this CPU has neither AVX2+FMA nor AVX-512"
+        return None, {}, {}, {}, "this CPU has neither AVX2+FMA nor AVX-512"
     compiler = _compiler()
     if compiler is None:
-        return None, {}, {}, "no C++ compiler (set CXX, or install g++ or clang++)"
+        return None, {}, {}, {}, "no C++ compiler (set CXX, or install g++ or clang++)"
     source = b"".join((CSRC / name).read_bytes() for name in (*SOURCES, "simd.h"))
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
-        return None, {}, {}, f"{compiler} --version failed: {e}"
+        return None, {}, {}, {}, f"{compiler} --version failed: {e}"
     key = hashlib.sha256(source + version.encode() + repr([(i, ISAS[i][0]) for i in isas]).encode()).hexdigest()[:16]
     path = _cache_dir() / f"gemv-{key}.so"
     if not path.exists():
         error = _build(compiler, isas, path)
         if error:
-            return None, {}, {}, error
+            return None, {}, {}, {}, error
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
-        return None, {}, {}, f"could not load {path}: {e}"
+        return None, {}, {}, {}, f"could not load {path}: {e}"
     entries: Dict[torch.dtype, Entries] = {}
     for isa in isas:  # ISAS lists the faster instruction sets first
         for dtype, (suffix, step) in ISAS[isa][2].items():
@@ -164,7 +170,14 @@ def _load(flags: frozenset) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dtype, En
             if dtype not in int8 and hasattr(lib, name):
                 int8[dtype] = getattr(lib, name)
                 int8[dtype].argtypes, int8[dtype].restype = _INT8_ARGS, None
-    return lib, entries, int8, ""
+    elementwise: Dict[torch.dtype, Tuple[Callable, Callable]] = {}
+    for dtype, names in ELEMENTWISE_ENTRIES.items():
+        if all(hasattr(lib, name) for name in names):
+            norm_fn, rope_fn = (getattr(lib, name) for name in names)
+            norm_fn.argtypes, norm_fn.restype = _NORM_ARGS, None
+            rope_fn.argtypes, rope_fn.restype = _ROPE_ARGS, None
+            elementwise[dtype] = (norm_fn, rope_fn)
+    return lib, entries, int8, elementwise, ""
 
 
 def _build(compiler: str, isas, path: Path) -> str:
@@ -281,6 +294,51 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     y = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype)
     _INT8[x.dtype](x2.data_ptr(), weight.data_ptr(), scales.data_ptr(), y.data_ptr(), rows, out_features, in_features,
                    torch.get_num_threads())
+    return y
+
+
+def _eager_cpu(*tensors: torch.Tensor) -> bool:
+    """All on the CPU, no gradient wanted, not under torch.compile: where the fused kernels may run."""
+    return (
+        not torch.compiler.is_compiling()
+        and all(t.device.type == "cpu" for t in tensors)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    )
+
+
+def norms(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`rms_norm` takes ``x`` (..., dim) with this ``weight`` (dim,)."""
+    return (
+        x.dtype in _ELEMENTWISE and weight.dtype == x.dtype and x.dim() >= 1 and weight.shape == x.shape[-1:]
+        and x.shape[-1] % 8 == 0 and x.is_contiguous() and weight.is_contiguous() and _eager_cpu(x, weight)
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """llama.model.RMSNorm in one call: ``(x * rsqrt(mean(x^2) + eps)).type_as(x) * weight``, in float32 inside.
+    Needs :func:`norms`."""
+    y = torch.empty_like(x)
+    dim = x.shape[-1]
+    _ELEMENTWISE[x.dtype][0](x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // dim, dim, eps)
+    return y
+
+
+def ropes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether :func:`rope` takes ``x`` (bsz, seqlen, heads, head_dim) with these tables (bsz or 1, seqlen, head_dim/2)."""
+    return (
+        x.dtype in _ELEMENTWISE and x.dim() == 4 and x.is_contiguous() and x.shape[-1] % 2 == 0
+        and cos.dtype == sin.dtype == torch.float32 and cos.shape == sin.shape and cos.dim() == 3
+        and cos.shape[0] in (1, x.shape[0]) and cos.shape[1:] == (x.shape[1], x.shape[3] // 2)
+        and cos.is_contiguous() and sin.is_contiguous() and _eager_cpu(x, cos, sin)
+    )
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """llama.model.apply_rotary_emb in one call (a new tensor). Needs :func:`ropes`."""
+    y = torch.empty_like(x)
+    bsz, seqlen, heads, head_dim = x.shape
+    _ELEMENTWISE[x.dtype][1](x.data_ptr(), cos.data_ptr(), sin.data_ptr(), y.data_ptr(), bsz, seqlen, heads, head_dim,
+                             cos.shape[0])
     return y
 
 

@@ -219,3 +219,30 @@ def test_int8_kernel_equals_the_dequantized_product(dtype):
     assert not native.covers_int8(torch.zeros(1, step, dtype=dtype), q[:, :step].contiguous(), scales.bfloat16())
     with pytest.raises(ValueError, match="cannot take"):
         native.int8_linear(torch.zeros(1, step + 1, dtype=dtype), torch.zeros(4, step + 1, dtype=torch.int8), scales[:4])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda v: str(v).removeprefix("torch."))
+def test_fused_norm_and_rope_equal_the_model_math(dtype, monkeypatch):
+    from llama.model import RMSNorm, apply_rotary_emb, precompute_rope
+
+    need(dtype)
+    gen = torch.Generator().manual_seed(0)
+    norm = RMSNorm(96, eps=1e-5, dtype=dtype).requires_grad_(False)
+    norm.weight.copy_(torch.randn(96, generator=gen))
+    x = (3 * torch.randn(4, 5, 96, generator=gen)).to(dtype)
+    cos, sin = precompute_rope(32, 64)
+    q = torch.randn(3, 2, 6, 32, generator=gen).to(dtype)
+    positions = torch.tensor([[3, 4], [40, 41], [62, 63]])  # each row its own positions: tables (3, 2, 16)
+    with torch.inference_mode():
+        assert native.norms(x, norm.weight) and native.ropes(q, cos[positions], sin[positions])
+        fused = norm(x), apply_rotary_emb(q, cos[positions], sin[positions]), apply_rotary_emb(q, cos[None, :2], sin[None, :2])
+        monkeypatch.setattr(native, "norms", lambda *a: False)
+        monkeypatch.setattr(native, "ropes", lambda *a: False)
+        unfused = norm(x), apply_rotary_emb(q, cos[positions], sin[positions]), apply_rotary_emb(q, cos[None, :2], sin[None, :2])
+    # float32: the same to rounding (FMA contraction); bfloat16: rounded where torch rounds, so at most one step apart
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    for got, want in zip(fused, unfused):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert ((got.float() - want.float()).abs().max() / want.float().abs().max()).item() <= tol
+    wants_grad = x.detach().clone().requires_grad_()
+    assert native.norms(x, norm.weight) and not native.norms(wants_grad, norm.weight)  # a gradient: torch's, which records it
