@@ -226,6 +226,7 @@ def test_fused_norm_and_rope_equal_the_model_math(dtype, monkeypatch):
     from llama.model import RMSNorm, apply_rotary_emb, precompute_rope
 
     need(dtype)
+    norms = native.norms
     gen = torch.Generator().manual_seed(0)
     norm = RMSNorm(96, eps=1e-5, dtype=dtype).requires_grad_(False)
     norm.weight.copy_(torch.randn(96, generator=gen))
@@ -245,4 +246,4 @@ def test_fused_norm_and_rope_equal_the_model_math(dtype, monkeypatch):
         assert got.dtype == want.dtype and got.shape == want.shape
         assert ((got.float() - want.float()).abs().max() / want.float().abs().max()).item() <= tol
     wants_grad = x.detach().clone().requires_grad_()
-    assert native.norms(x, norm.weight) and not native.norms(wants_grad, norm.weight)  # a gradient: torch's, which records it
+    assert norms(x, norm.weight) and not norms(wants_grad, norm.weight)  # a gradient wanted: torch's, which records it
