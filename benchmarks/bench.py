@@ -407,8 +407,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="ours: Llama.compile() (CUDA graphs on CUDA, frozen "
                    "weights and autotuned C++ GEMMs on CPU); transformers: static cache + its generate auto-compile")
     p.add_argument("--quantize", choices=["int8"], help="also run ours with weight-only quantization (ours-int8)")
-    p.add_argument("--kernels", default=None, help="ours: Llama.build(kernels=...): dense, packed, int8, int8-fp32 "
-                   "(comma-separated) or auto (default: $LLAMA_KERNELS, else auto: measured on this machine)")
+    p.add_argument("--kernels", default=None, help="ours: Llama.build(kernels=...): dense, gemv, packed, int8, int8-fp32, "
+                   "int8-gemv, sdpa, native-attention (comma-separated, one per kind) or auto (default: $LLAMA_KERNELS, else auto: measured on this machine)")
     p.add_argument("--dense-too", action="store_true", help="also run ours with kernels='dense' (ours-dense)")
     p.add_argument("--packed-too", action="store_true", help="also run ours with kernels='packed' (ours-packed)")
     p.add_argument("--batch-sizes", default="1,8", help="comma-separated (default %(default)s)")

@@ -93,15 +93,21 @@ class Llama:
                 ``kernels="dense"``. With ``compile`` too, the compiled step keeps calling
                 oneDNN on packed weights: one copy of the weights, slower decoding than
                 compile's default.
-            kernels: the linear layers' kernels, overriding the measured choice:
-                ``"dense"`` or ``"packed"`` for float weights, ``"int8"`` or ``"int8-fp32"``
-                (float32 activations) for ``quantize="int8"``, comma-separated, or ``"auto"``.
-                Default (``None``): ``$LLAMA_KERNELS`` if set, else ``"auto"``: on the CPU,
-                each shape gets the kernel measured fastest on this machine at decode batch
-                sizes 1 and 8 (timed once on random weights, a few seconds, then cached in
-                ``~/.cache/llama/kernels.json`` per CPU and torch version; see
-                :mod:`llama.kernel_choice` and ``python -m llama.doctor``). ``compile=True``
-                keeps dense weights (its CPU step autotunes its own kernels); CUDA runs dense.
+            kernels: the kernels, overriding the measured choice, comma-separated, at most
+                one per kind: ``"dense"``, ``"gemv"`` (our matrix-vector kernels on the dense
+                weights, :mod:`llama.native`) or ``"packed"`` for float weights; ``"int8"``,
+                ``"int8-fp32"`` (float32 activations) or ``"int8-gemv"`` (AVX512-VNNI) for
+                ``quantize="int8"``; ``"sdpa"`` or ``"native-attention"`` for the decode
+                step's attention; or ``"auto"``. Default (``None``): ``$LLAMA_KERNELS`` if
+                set, else ``"auto"``: on the CPU, each shape gets the kernel measured fastest
+                on this machine at the decode batch sizes the model runs (1, and up to 8
+                within ``max_batch_size``; timed once on random weights, a few seconds, then
+                cached in ``~/.cache/llama/kernels.json`` per CPU and torch version; see
+                :mod:`llama.kernel_choice` and ``python -m llama.doctor``). Our native kernels
+                are built on first use with the machine's C++ compiler (a few seconds, cached
+                in ``~/.cache/llama/native``); without one they are simply not candidates.
+                ``compile=True`` keeps dense weights (its CPU step autotunes its own
+                kernels); CUDA runs dense.
         """
         start_time = time.time()
         device = distributed.select_device(device)
