@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed, native
-from .parallel_layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
+from .parallel_layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, project
 
 
 @dataclass
@@ -308,10 +308,11 @@ class Attention(nn.Module):
         after the other) or ``None`` (whole sequences from position 0, no cache: training).
         """
         bsz, seqlen, _ = x.shape
+        xq, xk, xv = project(x, self.wq, self.wk, self.wv)  # self.wq(x), self.wk(x), self.wv(x)
         # (bsz, seqlen, heads * head_dim) -> (bsz, seqlen, heads, head_dim)
-        xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        xq = xq.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        xk = xk.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xq = apply_rotary_emb(xq, cos, sin)
         xk = apply_rotary_emb(xk, cos, sin)
 
@@ -365,7 +366,8 @@ class FeedForward(nn.Module):
         self.w3 = ColumnParallelLinear(dim, hidden_dim, gather_output=False, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = project(x, self.w1, self.w3)  # self.w1(x), self.w3(x)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):

@@ -68,6 +68,9 @@ INT8_ENTRIES = {"avx512vnni": {torch.float32: "llama_linear_i8_f32_avx512vnni", 
 INT8_STEP = 64  # the inner size must be a multiple of this
 MAX_ROWS = 16  # more rows than this (prefill) go to torch: there the product is compute-bound and oneDNN/MKL block for it
 _LINEAR_ARGS = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]  # x, w, y, M, N, K, threads
+# x, ws, ys, Ns, count, M, K, threads
+_LINEAR_MANY_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int] + [ctypes.c_int64] * 2 + [ctypes.c_int]
+MAX_MANY = 8  # weights per linear_many call
 # q, k, v, out, lengths, B, H, KVH, S, D, scale, threads
 _ATTENTION_ARGS = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int]
 _INT8_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]  # x, w, w_scale, y, M, N, K, threads
@@ -82,6 +85,7 @@ class Entries(NamedTuple):
 
     linear: Callable
     attention: Callable
+    linear_many: Callable
     step: int  # the inner size (linear) and head size (attention) must be multiples of this
 
 
@@ -158,12 +162,13 @@ def _load(flags: frozenset) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dtype, En
     entries: Dict[torch.dtype, Entries] = {}
     for isa in isas:  # ISAS lists the faster instruction sets first
         for dtype, (suffix, step) in ISAS[isa][2].items():
-            names = (f"llama_linear_{suffix}", f"llama_decode_attention_{suffix}")
+            names = (f"llama_linear_{suffix}", f"llama_decode_attention_{suffix}", f"llama_linear_many_{suffix}")
             if dtype not in entries and all(hasattr(lib, name) for name in names):
-                linear_fn, attention_fn = (getattr(lib, name) for name in names)
+                linear_fn, attention_fn, many_fn = (getattr(lib, name) for name in names)
                 linear_fn.argtypes, linear_fn.restype = _LINEAR_ARGS, None
                 attention_fn.argtypes, attention_fn.restype = _ATTENTION_ARGS, None
-                entries[dtype] = Entries(linear_fn, attention_fn, step)
+                many_fn.argtypes, many_fn.restype = _LINEAR_MANY_ARGS, None
+                entries[dtype] = Entries(linear_fn, attention_fn, many_fn, step)
     int8: Dict[torch.dtype, Callable] = {}
     for isa in isas:
         for dtype, name in INT8_ENTRIES.get(isa, {}).items():
@@ -255,6 +260,27 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     _ENTRIES[weight.dtype].linear(x2.data_ptr(), weight.data_ptr(), y.data_ptr(), rows, out_features, in_features,
                                   torch.get_num_threads())
     return y
+
+
+def linear_many(x: torch.Tensor, weights) -> list:
+    """``[linear(x, w) for w in weights]`` in one native call (one parallel region over all the
+    weights' rows: a layer's q/k/v or w1/w3 projections), where :func:`covers` holds for
+    each weight (at most :data:`MAX_MANY`); else one call per weight."""
+    if not (0 < len(weights) <= MAX_MANY and all(covers(x, w) for w in weights)):
+        return [linear(x, w) for w in weights]
+    in_features = weights[0].shape[1]
+    if any(w.shape[1] != in_features for w in weights):
+        raise ValueError(f"weights of inner sizes {[w.shape[1] for w in weights]} cannot read the same input")
+    rows = x.numel() // in_features
+    x2 = x.reshape(rows, in_features).contiguous()  # (rows, in)
+    ys = [torch.empty((*x.shape[:-1], w.shape[0]), dtype=x.dtype) for w in weights]
+    count = len(weights)
+    pointers = (ctypes.c_void_p * count)
+    _ENTRIES[x.dtype].linear_many(
+        x2.data_ptr(), pointers(*(w.data_ptr() for w in weights)), pointers(*(y.data_ptr() for y in ys)),
+        (ctypes.c_int64 * count)(*(w.shape[0] for w in weights)), count, rows, in_features, torch.get_num_threads(),
+    )
+    return ys
 
 
 def int8_available(dtype: torch.dtype, flags: Iterable[str]) -> bool:

@@ -25,7 +25,7 @@ from fairscale.nn.model_parallel import mappings as mp_mappings
 from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from torch import nn
 
-from . import linear_kernels
+from . import linear_kernels, native
 
 
 def _partition(size: int, what: str) -> int:
@@ -188,6 +188,19 @@ class RowParallelLinear(ParallelLinear):
 
     def _leave_region(self, output: torch.Tensor) -> torch.Tensor:
         return mp_mappings.reduce_from_model_parallel_region(output)
+
+
+def project(x: torch.Tensor, *layers: "ColumnParallelLinear") -> list:
+    """``[layer(x) for layer in layers]`` for column-parallel layers that read the same ``x`` (a
+    layer's q, k and v projections; w1 and w3): one native call for all of them where they all
+    run the ``gemv`` kernel without gathering their outputs (:func:`llama.native.linear_many`),
+    so their weights stream back to back; else each layer on its own."""
+    first = layers[0]
+    if all(layer.kernel is linear_kernels.gemv and not layer.gather_output for layer in layers):
+        x_in = x if first.single_rank else first._enter_region(x)
+        if all(native.covers(x_in, layer.weight) for layer in layers):
+            return native.linear_many(x_in, [layer.weight for layer in layers])
+    return [layer(x) for layer in layers]
 
 
 def linear_layers(model: nn.Module) -> Iterator[Tuple[str, ParallelLinear]]:

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama import kernel_choice, native
+from llama import kernel_choice, linear_kernels, native
 from llama.model import Segments
 
 FLAGS = kernel_choice.cpu_facts()["flags"]
@@ -247,3 +247,31 @@ def test_fused_norm_and_rope_equal_the_model_math(dtype, monkeypatch):
         assert ((got.float() - want.float()).abs().max() / want.float().abs().max()).item() <= tol
     wants_grad = x.detach().clone().requires_grad_()
     assert norms(x, norm.weight) and not norms(wants_grad, norm.weight)  # a gradient wanted: torch's, which records it
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda v: str(v).removeprefix("torch."))
+def test_linear_many_equals_one_call_per_weight(dtype):
+    from llama.model import ModelArgs, Transformer
+    from llama.parallel_layers import project
+
+    need(dtype)
+    step = native._library(FLAGS)[1][dtype].step
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(n, 4 * step, generator=gen).to(dtype) for n in (48, 13, 13)]  # q, k, v-like; ragged rows
+    for rows in (1, 3, native.MAX_ROWS):
+        x = torch.randn(rows, 1, 4 * step, generator=gen).to(dtype)
+        for got, w in zip(native.linear_many(x, weights), weights):
+            assert got.shape == (rows, 1, w.shape[0]) and torch.equal(got, native.linear(x, w))  # the same tiles, bit for bit
+    # the model's projections: one call where every layer runs gemv, each layer's own call otherwise
+    args = ModelArgs(dim=2 * step, n_layers=1, n_heads=2, multiple_of=step, vocab_size=64, max_batch_size=1, max_seq_len=8)
+    attention = Transformer(args, dtype=dtype).requires_grad_(False).layers[0].attention
+    for layer in (attention.wq, attention.wk, attention.wv):
+        layer.weight.normal_(generator=gen)
+    x = torch.randn(1, 1, args.dim, generator=gen).to(dtype)
+    with torch.inference_mode():
+        separate = [layer(x) for layer in (attention.wq, attention.wk, attention.wv)]  # dense: F.linear
+        for layer in (attention.wq, attention.wk, attention.wv):
+            layer.kernel = linear_kernels.gemv
+        fused = project(x, attention.wq, attention.wk, attention.wv)
+    for a, b in zip(fused, separate):
+        assert ((a.float() - b.float()).abs().max() / b.float().abs().max()).item() < TOLERANCE[dtype]

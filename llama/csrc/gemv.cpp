@@ -53,23 +53,37 @@ __attribute__((always_inline)) inline void tile(const typename Op::T *__restrict
     for (int r = 0; r < R; r++) put(y + (m + j) * N + n + r, out[j * R + r]);
 }
 
+// y_i = x @ w_i.T for `count` weights (N_i, K) that read the same x: one parallel region over all
+// their row tiles (a layer's q, k and v projections, or w1 and w3), so the weights stream back to
+// back and the threads meet once.
 template <class Op, int R, int MT>
-void linear(const typename Op::T *x, const typename Op::T *w, typename Op::T *y, int64_t M, int64_t N, int64_t K, int threads) {
-  if (M == 1) {
-    const int64_t tiles = N / 8;
+void linear_many(const typename Op::T *x, const typename Op::T *const *ws, typename Op::T *const *ys, const int64_t *Ns,
+                 int count, int64_t M, int64_t K, int threads) {
+  const int rows = M == 1 ? 8 : R;  // rows of w per tile
+  int64_t first[9] = {0};            // first[i]: index of weight i's first tile (count <= 8)
+  for (int i = 0; i < count; i++) first[i + 1] = first[i] + Ns[i] / rows;
+  const int64_t tiles = first[count];
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t t = 0; t < tiles; t++) tile<Op, 8, 1>(x, w, y, N, K, t * 8, 0);
-  } else {
-    const int64_t tiles = N / R;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t t = 0; t < tiles; t++) {
+  for (int64_t t = 0; t < tiles; t++) {
+    int i = 0;
+    while (t >= first[i + 1]) i++;
+    const int64_t n = (t - first[i]) * rows;
+    if (M == 1) {
+      tile<Op, 8, 1>(x, ws[i], ys[i], Ns[i], K, n, 0);
+    } else {
       int64_t m = 0;
-      for (; m + MT <= M; m += MT) tile<Op, R, MT>(x, w, y, N, K, t * R, m);
-      for (; m < M; m++) tile<Op, R, 1>(x, w, y, N, K, t * R, m);
+      for (; m + MT <= M; m += MT) tile<Op, R, MT>(x, ws[i], ys[i], Ns[i], K, n, m);
+      for (; m < M; m++) tile<Op, R, 1>(x, ws[i], ys[i], Ns[i], K, n, m);
     }
   }
-  for (int64_t n = (M == 1 ? N / 8 * 8 : N / R * R); n < N; n++)  // the last rows, one at a time
-    for (int64_t m = 0; m < M; m++) tile<Op, 1, 1>(x, w, y, N, K, n, m);
+  for (int i = 0; i < count; i++)  // the last rows of each weight, one at a time
+    for (int64_t n = Ns[i] / rows * rows; n < Ns[i]; n++)
+      for (int64_t m = 0; m < M; m++) tile<Op, 1, 1>(x, ws[i], ys[i], Ns[i], K, n, m);
+}
+
+template <class Op, int R, int MT>
+void linear(const typename Op::T *x, const typename Op::T *w, typename Op::T *y, int64_t M, int64_t N, int64_t K, int threads) {
+  linear_many<Op, R, MT>(x, &w, &y, &N, 1, M, K, threads);
 }
 
 #if defined(LLAMA_ISA_AVX512VNNI)
@@ -167,18 +181,29 @@ void linear_i8(const TX *x, const int8_t *w, const float *w_scale, TX *y, int64_
 
 // The entry points (ctypes): x (M, K), w (N, K), y (M, N), row-major and contiguous.
 extern "C" {
+// llama_linear_many_<suffix>: the same for `count` (at most 8) weights ws[i] (Ns[i], K) and outputs ys[i] (M, Ns[i])
+#define LLAMA_LINEAR_MANY(suffix, Op, R, MT)                                                                    \
+  void llama_linear_many_##suffix(const Op::T *x, const Op::T *const *ws, Op::T *const *ys, const int64_t *Ns, int count, \
+                                  int64_t M, int64_t K, int threads) {                                          \
+    linear_many<Op, R, MT>(x, ws, ys, Ns, count, M, K, threads);                                                \
+  }
+
 #if defined(LLAMA_ISA_AVX512)
+LLAMA_LINEAR_MANY(f32_avx512, F32Avx512, 8, 2)
 void llama_linear_f32_avx512(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
   linear<F32Avx512, 8, 2>(x, w, y, M, N, K, threads);
 }
 #endif
 #if defined(LLAMA_ISA_AVX512BF16)
+LLAMA_LINEAR_MANY(bf16_avx512bf16, Bf16Avx512, 8, 2)
 void llama_linear_bf16_avx512bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, int64_t N, int64_t K,
                                   int threads) {
   linear<Bf16Avx512, 8, 2>(x, w, y, M, N, K, threads);
 }
 #endif
 #if defined(LLAMA_ISA_AVX2)
+LLAMA_LINEAR_MANY(f32_avx2, F32Avx2, 4, 2)
+LLAMA_LINEAR_MANY(bf16_avx2, Bf16Avx2, 4, 2)
 void llama_linear_f32_avx2(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
   linear<F32Avx2, 4, 2>(x, w, y, M, N, K, threads);
 }
