@@ -524,8 +524,8 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             float_model, state = random_models_in_memory(margs, device, dtype, args.seed)
             load["ours"] = {"how": "in memory: random weights generated on the device", "s": None}
-            if not args.compile:  # what Llama.build does: the kernels measured fastest here (CPU)
-                kernel_choice.apply(float_model, kernel_choice.plan_for(float_model, device, dtype, override))
+            # what Llama.build does: the kernels measured fastest here (CPU); compiled, dense or ours (no packing)
+            kernel_choice.apply(float_model, kernel_choice.plan_for(float_model, device, dtype, override, compile=args.compile))
             llama = Llama(float_model, NoEosTokenizer())
             llama_int8 = None
             if args.dense_too or args.packed_too:
@@ -576,9 +576,11 @@ def main(argv=None) -> int:
                 _sync(device)
                 return built, time.perf_counter() - start
 
-            # --compile: dense float weights, as Llama.build(compile=True) and the scripts' --compile
-            # keep them (the compiled CPU step packs its own copy)
+            # --compile: the kernels Llama.build(compile=True) picks (dense, whose frozen GEMMs the compiled
+            # CPU step packs itself, or ours), planned here because the warm-up sizes are this script's
             llama, seconds = build(**({"pack_weights": False} if args.compile else {"kernels": args.kernels}))
+            if args.compile:
+                kernel_choice.apply(llama.model, kernel_choice.plan_for(llama.model, device, dtype, override, compile=True))
             load["ours"] = {"how": how, "s": seconds}
             llama.tokenizer = NoEosTokenizer()  # never stops early
             llama_int8 = None

@@ -80,10 +80,12 @@ class Llama:
                 default bfloat16 on CUDA (float16 where unsupported), float32 on CPU.
             compile: compile the one-token decode step with ``torch.compile`` (over the
                 preallocated cache, positions as a tensor, so no prompt or generation
-                length recompiles it; CUDA graphs on CUDA; on the CPU frozen weights and
-                autotuned C++ matrix kernels, one graph for every batch size, which holds
-                a second copy of the linear weights). Costs a warm-up (printed; about half
-                a minute for a 110M model on 2 CPU cores) and pays off on long generations.
+                length recompiles it; CUDA graphs on CUDA; on the CPU one graph for every
+                batch size, with frozen weights: each linear shape runs what was measured
+                faster here, Inductor's autotuned C++ matrix kernels (which hold a second,
+                packed copy of those weights) or our ``gemv`` as an operator of the graph
+                (no copy), and Inductor fuses the rest). Costs a warm-up (printed; about
+                half a minute for a 110M model on 2 CPU cores) and pays off on long generations.
             verify: check the md5 sums of ``ckpt_dir/checklist.chk`` before loading
                 (every rank reads every file once more; a ValueError names the files that fail).
             quantize: ``"int8"``: weight-only int8 linear layers (per output row scales),
@@ -106,8 +108,8 @@ class Llama:
                 :mod:`llama.kernel_choice` and ``python -m llama.doctor``). Our native kernels
                 are built on first use with the machine's C++ compiler (a few seconds, cached
                 in ``~/.cache/llama/native``); without one they are simply not candidates.
-                ``compile=True`` keeps dense weights (its CPU step autotunes its own
-                kernels); CUDA runs dense.
+                ``compile=True`` chooses between dense weights (its CPU step autotunes its
+                own kernels for them) and ``gemv``; CUDA runs dense.
         """
         start_time = time.time()
         device = distributed.select_device(device)

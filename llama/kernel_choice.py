@@ -636,15 +636,18 @@ def choose(
     compile: bool = False,
     batches: Tuple[int, ...] = DECODE_BATCHES,
 ) -> Plan:
-    """The plan for these (layout, shape) pairs (layout ``"float"`` or ``"int8"``), timed at
-    decode ``batches`` (see :func:`decode_batches`).
+    """The plan for these (layout, shape) pairs (layout ``"float"``, ``"int8"`` or
+    ``"attention"``), timed at decode ``batches`` (see :func:`decode_batches`).
 
     Per pair: the override's kernel for the layout if any; else the layout's default
-    where there is nothing to choose (one candidate; not a CPU; ``compile``, whose CPU
-    step picks its own kernels by autotuning); else the cached decision for this
-    machine; else measured (:func:`time_kernels`, streaming ``stream_bytes`` per pass)
-    and cached (``remeasure``: measured and cached even if a decision was cached). An
-    override that this device and dtype cannot run is a ``ValueError``.
+    where there is nothing to choose (one candidate; not a CPU; int8 under ``compile``,
+    which compiles its own); else the cached decision for this machine; else measured
+    (:func:`time_kernels`, streaming ``stream_bytes`` per pass) and cached
+    (``remeasure``: measured and cached even if a decision was cached). Under
+    ``compile`` float weights choose between ``dense`` (which the compiled CPU step
+    turns into Inductor's frozen, autotuned GEMMs) and ``gemv`` (our kernel, an operator
+    of the graph), timed as in eager mode with MKL/oneDNN standing in for Inductor's
+    GEMMs. An override that this device and dtype cannot run is a ``ValueError``.
     """
     device = torch.device(device)
     override = override or {}
@@ -665,7 +668,9 @@ def choose(
                 raise ValueError(f"kernel {override[layout]!r} cannot run {layout} weights of {dtype} on {device} here")
             plan.choices[(layout, *shape)] = Choice(override[layout], "override")
             continue
-        if len(names) == 1 or device.type != "cpu" or compile:
+        if compile and layout == "float":  # compiled, "dense" is Inductor's frozen, packed GEMMs: packing is its job
+            names = [n for n in names if n != "packed"]
+        if len(names) == 1 or device.type != "cpu" or (compile and layout == "int8"):
             why = "compile: Inductor picks" if compile and len(names) > 1 else "only candidate"
             plan.choices[(layout, *shape)] = Choice(names[0], why)
             continue

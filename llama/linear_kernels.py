@@ -36,10 +36,25 @@ def dense(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     return F.linear(x, layer.weight)
 
 
+@torch.library.custom_op("llama::gemv_linear", mutates_args=())
+def gemv_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """:func:`llama.native.linear` as an operator, for compiled graphs (opaque to Inductor, like
+    ``llama::packed_linear``): compiled, the gemv layers keep our kernels and their one copy of
+    the weights (Inductor's frozen GEMMs would pack a second)."""
+    return native.linear(x, weight)
+
+
+@gemv_linear.register_fake
+def _gemv_linear_shape(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 def gemv(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """``x @ layer.weight.T`` for a dense float weight: our kernels (:func:`llama.native.linear`)
     for up to ``native.MAX_ROWS`` rows (decode); for more (prefill, compute-bound), oneDNN's
     inner product on the same dense weight where it takes the dtype, else ``F.linear``.
+
+    Under ``torch.compile``: the operator ``llama::gemv_linear`` (:func:`gemv_linear`).
 
     Why oneDNN and not ``F.linear`` for prefill: ``F.linear`` on float32 is MKL's ``sgemm``,
     which took 2.1-2.5x as long as oneDNN on 128 rows of the 110m shapes (Zen 5 EPYC: 160-200
@@ -47,6 +62,8 @@ def gemv(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     bfloat16 goes to oneDNN either way.
     """
     weight = layer.weight
+    if torch.compiler.is_compiling():  # an operator the compiled graph calls; Inductor fuses the work around it
+        return gemv_linear(x, weight)
     if native.covers(x, weight):
         return native.linear(x, weight)
     if (

@@ -286,12 +286,7 @@ class Attention(nn.Module):
 
     def _native_decode(self, xq: torch.Tensor) -> bool:
         """Whether this decode step's attention runs natively (chosen, and possible for these heads)."""
-        return (
-            self.decode_attention == "native-attention"
-            and xq.device.type == "cpu"
-            and not torch.compiler.is_compiling()
-            and native.attends(xq.dtype, self.head_dim)
-        )
+        return self.decode_attention == "native-attention" and xq.device.type == "cpu" and native.attends(xq.dtype, self.head_dim)
 
     def forward(
         self,
@@ -329,9 +324,9 @@ class Attention(nn.Module):
                 cache.cache_v[batch.rows, :, batch.positions] = xv[:, 0]
             if self._native_decode(xq):
                 # (bsz, 1, heads, head_dim) -> (bsz, heads, head_dim): each row over its own positions, no mask
-                output = native.decode_attention(
-                    xq.view(bsz, self.n_local_heads, self.head_dim), cache.cache_k, cache.cache_v, batch.lengths
-                )
+                # compiled: the same kernel as an operator of the graph
+                attend = native.decode_attention_op if torch.compiler.is_compiling() else native.decode_attention
+                output = attend(xq.view(bsz, self.n_local_heads, self.head_dim), cache.cache_k, cache.cache_v, batch.lengths)
                 return self.wo(output.view(bsz, seqlen, -1))
             # the first max(positions) + 1 cached positions; with one position for all rows, no mask
             kv_len = batch.same_position + 1 if batch.same_position is not None else batch.mask.shape[-1]

@@ -404,3 +404,14 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
     entry.attention(q.data_ptr(), cache_k.data_ptr(), cache_v.data_ptr(), out.data_ptr(), lengths.data_ptr(),
                     bsz, heads, kv_heads, max_seq_len, head_dim, head_dim ** -0.5, torch.get_num_threads())
     return out
+
+
+@torch.library.custom_op("llama::decode_attention", mutates_args=())
+def decode_attention_op(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """:func:`decode_attention` as an operator, for compiled decode steps (opaque to Inductor)."""
+    return decode_attention(q, cache_k, cache_v, lengths)
+
+
+@decode_attention_op.register_fake
+def _decode_attention_shape(q, cache_k, cache_v, lengths):
+    return q.new_empty(q.shape)

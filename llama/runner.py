@@ -108,8 +108,9 @@ def compile_decode_step(model: Transformer, device: torch.device, max_batch_size
     batch size). CPU, one rank, float weights: Inductor with frozen weights and its
     autotuned C++ GEMM kernels (``_CPU_FROZEN_GEMM``), one graph for any batch size
     (:func:`_any_batch_size`, tuned for ``tune_for`` rows); the compiled step holds one
-    packed copy of the linear weights, next to the model's dense ones that the eager
-    prefill uses. CPU with
+    packed copy of the dense layers' weights, next to the model's dense ones that the eager
+    prefill uses. Layers on the ``gemv`` kernel call it as the operator ``llama::gemv_linear``
+    and the native decode attention is ``llama::decode_attention``: no copy for them. CPU with
     oneDNN-packed weights (:mod:`llama.packed_linear`, one copy of the weights): the
     products stay oneDNN calls and Inductor fuses the work between them; at model
     parallel > 1, float32 weights are packed here for this path. CPU with int8 weights:

@@ -86,24 +86,48 @@ def test_compiled_step_never_recompiles_for_new_lengths(tiny_checkpoint, tiny_to
     assert got == want
 
 
-def test_frozen_step_is_one_graph_for_every_batch_size(tiny_checkpoint, tiny_tokenizer_path):
+@pytest.mark.parametrize("kernels", ["dense,sdpa", "gemv,native-attention"])
+def test_frozen_step_is_one_graph_for_every_batch_size(tiny_checkpoint, tiny_tokenizer_path, kernels, monkeypatch):
     # One graph (so one frozen copy of the weights) however many rows decode; freed with its model.
-    kwargs = dict(max_seq_len=48, max_batch_size=4, device="cpu", pack_weights=False)
+    # With our kernels, the graph calls them as operators (llama::gemv_linear, llama::decode_attention).
+    from llama import kernel_choice, native
+
+    if kernels != "dense,sdpa" and "gemv" not in kernel_choice.candidates(torch.device("cpu"), torch.float32, "float"):
+        pytest.skip(f"no native kernels here: {native.unavailable(torch.float32, kernel_choice.cpu_facts()['flags'])}")
+    kwargs = dict(max_seq_len=48, max_batch_size=4, device="cpu", kernels=kernels)
     eager = Llama.build(str(tiny_checkpoint), str(tiny_tokenizer_path), **kwargs)
     compiled = Llama.build(str(tiny_checkpoint), str(tiny_tokenizer_path), **kwargs)
     graphs = counters["stats"]["unique_graphs"]
+    calls = {"linear": 0, "attention": 0}
+    real_linear, real_attention = native.linear, native.decode_attention
+
+    def linear(x, w):
+        calls["linear"] += torch.compiler.is_compiling() is False and x.shape[-2] == 1  # decode rows at run time
+        return real_linear(x, w)
+
+    def attention(*args):
+        calls["attention"] += 1
+        return real_attention(*args)
+
+    monkeypatch.setattr(native, "linear", linear)
+    monkeypatch.setattr(native, "decode_attention", attention)
     compiled.compile(warmup_batch_sizes=(1, 4))
+    compiled_calls = {}
     assert compiled.runner.any_batch_size and counters["stats"]["unique_graphs"] == graphs + 1
     prompts = ["the river", "once upon a time a fox", "a", "the end of the"]
     with torch._dynamo.config.patch(error_on_recompile=True):
         for n in (3, 2, 1, 4):
+            counted = dict(calls)
             got = compiled.text_completion(prompts[:n], temperature=0, max_gen_len=12, logprobs=True)
+            compiled_calls = {k: compiled_calls.get(k, 0) + calls[k] - counted[k] for k in calls}
             want = eager.text_completion(prompts[:n], temperature=0, max_gen_len=12, logprobs=True)
             assert [r["generation"] for r in got] == [r["generation"] for r in want]
             diff = max(abs(x - y) for ra, rb in zip(got, want) for x, y in zip(ra["logprobs"], rb["logprobs"]))
             assert diff < 1e-4
     assert counters["stats"]["unique_graphs"] == graphs + 1
     assert sorted(compiled.runner.compiled_batch_sizes) == [1, 2, 3, 4]
+    # the compiled decode steps ran our kernels (eager prefill aside: its rows are not 1 per sequence)
+    assert (compiled_calls["linear"] > 0 and compiled_calls["attention"] > 0) == (kernels != "dense,sdpa")
     ref = weakref.ref(compiled.model)
     del compiled
     gc.collect()
