@@ -134,11 +134,17 @@ def test_timed_at_the_batch_sizes_the_model_runs(fake_timer, monkeypatch, privat
     assert sorted({tuple(e["facts"]["batches"]) for e in entries.values()}) == [(1,), (1, 2)]
 
 
-def test_compile_and_non_cpu_devices_keep_the_default(fake_timer):
+def test_compile_never_packs_and_non_cpu_devices_keep_the_default(fake_timer):
+    # compiled, dense weights are Inductor's to pack: the choice is dense or gemv (the fake timer favours the last)
+    fake_timer["fast"] = "packed"
     plan = kernel_choice.choose(SHAPES, CPU, torch.float32, compile=True)
-    assert {c.kernel for c in plan.choices.values()} == {"dense"}
+    gemv = "gemv" in kernel_choice.candidates(CPU, torch.float32, "float")
+    assert {c.kernel for c in plan.choices.values()} == ({"gemv"} if gemv else {"dense"})
+    assert fake_timer["calls"] == (2 if gemv else 0)
+    int8 = kernel_choice.choose([("int8", (64, 32))], CPU, torch.float32, compile=True)
+    assert int8.kernel("int8", (64, 32)) == "int8" and "compile" in int8.choices[("int8", 64, 32)].source
     plan = kernel_choice.choose(SHAPES, torch.device("meta"), torch.float32)
-    assert {c.kernel for c in plan.choices.values()} == {"dense"} and fake_timer["calls"] == 0
+    assert {c.kernel for c in plan.choices.values()} == {"dense"} and fake_timer["calls"] == (2 if gemv else 0)
 
 
 # ----------------------------------------------------------------------------- cache
