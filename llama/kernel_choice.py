@@ -665,7 +665,9 @@ def choose(
             names = candidates(device, dtype, layout)
         if layout in override:
             if override[layout] not in names:
-                raise ValueError(f"kernel {override[layout]!r} cannot run {layout} weights of {dtype} on {device} here")
+                what = f"heads of size {shape[2]}" if layout == "attention" else f"{layout} weights {shape[0]}x{shape[1]}"
+                raise ValueError(f"kernel {override[layout]!r} cannot run {what} in {dtype} on {device} here; "
+                                 f"possible: {', '.join(names)} (or 'auto')")
             plan.choices[(layout, *shape)] = Choice(override[layout], "override")
             continue
         if compile and layout == "float":  # compiled, "dense" is Inductor's frozen, packed GEMMs: packing is its job
