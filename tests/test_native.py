@@ -275,3 +275,29 @@ def test_linear_many_equals_one_call_per_weight(dtype):
         fused = project(x, attention.wq, attention.wk, attention.wv)
     for a, b in zip(fused, separate):
         assert ((a.float() - b.float()).abs().max() / b.float().abs().max()).item() < TOLERANCE[dtype]
+
+
+def test_an_instruction_set_that_does_not_compile_leaves_the_others(tmp_path, monkeypatch):
+    # a compiler too old for one instruction set's flags: that set's kernels are missing, the rest build
+    import shutil
+    import stat
+
+    real = native._compiler()
+    if real is None or not ISA_FLAGS:
+        pytest.skip("no C++ compiler or no instruction set the kernels use")
+    fake = tmp_path / "old-c++"
+    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -mavx512bf16 ] && {{ echo "unknown -mavx512bf16" >&2; exit 1; }}; done\n'
+                    f'exec {shutil.which(real) or real} "$@"\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CXX", str(fake))
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
+    native._load.cache_clear()
+    try:
+        assert native.available(torch.float32, FLAGS)
+        entries = native._library(FLAGS)[1]
+        if "avx512bf16" in ISA_FLAGS:  # bfloat16 falls back to the AVX2 kernel
+            assert entries[torch.bfloat16].linear.__name__ == "llama_linear_bf16_avx2"
+        x, w = torch.randn(2, 64).bfloat16(), torch.randn(24, 64).bfloat16()
+        assert rel_max_error(native.linear(x, w), x, w) < TOLERANCE[torch.bfloat16]
+    finally:
+        native._load.cache_clear()
