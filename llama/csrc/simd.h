@@ -48,7 +48,7 @@ inline float get(const uint16_t *x) { return from_bf16(*x); }
 
 // e^x on float32 lanes: 2^n * e^f, n = round(x / ln 2), |f| <= ln(2)/2, e^f by its Taylor series
 // to f^6 (relative error below 2e-7); x clamped to [-87, 88] (e^-87 ~ 1.6e-38: zero for a softmax).
-#define LLAMA_EXP_BODY(V, set1, add, mul, fmadd, roundn, scale2n, clampmin, clampmax)               \
+#define LLAMA_EXP_BODY(V, set1, mul, fmadd, roundn, scale2n, clampmin, clampmax)               \
   x = clampmax(clampmin(x, set1(-87.0f)), set1(88.0f));                                               \
   V n = roundn(mul(x, set1(1.44269504088896341f)));                                                   \
   V f = fmadd(n, set1(-0.693359375f), x);                                                            \
@@ -94,7 +94,7 @@ struct Lanes512 {  // float32 lanes: what both AVX-512 Ops share
   static Acc max(Acc a, Acc b) { return _mm512_max_ps(a, b); }
   static float hmax(Acc a) { return _mm512_reduce_max_ps(a); }
   static float hsum(Acc a) { return _mm512_reduce_add_ps(a); }
-  static Acc exp(Acc x) { LLAMA_EXP_BODY(__m512, _mm512_set1_ps, _mm512_add_ps, _mm512_mul_ps, _mm512_fmadd_ps, round512, _mm512_scalef_ps, _mm512_max_ps, _mm512_min_ps) }
+  static Acc exp(Acc x) { LLAMA_EXP_BODY(__m512, _mm512_set1_ps, _mm512_mul_ps, _mm512_fmadd_ps, round512, _mm512_scalef_ps, _mm512_max_ps, _mm512_min_ps) }
   template <int n>
   static void reduce(const Acc *a, float *out) {
     if constexpr (n == 16) {
@@ -168,7 +168,7 @@ struct Lanes256 {
   static Acc max(Acc a, Acc b) { return _mm256_max_ps(a, b); }
   static float hmax(Acc a) { return hmax256(a); }
   static float hsum(Acc a) { return hsum256(a); }
-  static Acc exp(Acc x) { LLAMA_EXP_BODY(__m256, _mm256_set1_ps, _mm256_add_ps, _mm256_mul_ps, _mm256_fmadd_ps, round256, scale2n256, _mm256_max_ps, _mm256_min_ps) }
+  static Acc exp(Acc x) { LLAMA_EXP_BODY(__m256, _mm256_set1_ps, _mm256_mul_ps, _mm256_fmadd_ps, round256, scale2n256, _mm256_max_ps, _mm256_min_ps) }
   template <int n>
   static void reduce(const Acc *a, float *out) {
     for (int i = 0; i < n; i++) out[i] = hsum256(a[i]);
