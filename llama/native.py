@@ -152,7 +152,10 @@ def _load(flags: frozenset) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dtype, En
     key = hashlib.sha256(source + version.encode() + repr([(i, ISAS[i][0]) for i in isas]).encode()).hexdigest()[:16]
     path = _cache_dir() / f"gemv-{key}.so"
     if not path.exists():
-        error = _build(compiler, isas, path)
+        try:
+            error = _build(compiler, isas, path)
+        except OSError as e:  # e.g. a read-only home: no native kernels, and say where to put them
+            error = f"could not build the native kernels in {path.parent} ({e}); set {CACHE_ENV} to a writable folder"
         if error:
             return None, {}, {}, {}, error
     try:

@@ -301,3 +301,17 @@ def test_an_instruction_set_that_does_not_compile_leaves_the_others(tmp_path, mo
         assert rel_max_error(native.linear(x, w), x, w) < TOLERANCE[torch.bfloat16]
     finally:
         native._load.cache_clear()
+
+
+def test_an_unwritable_cache_means_no_candidate_and_says_where(tmp_path, monkeypatch):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv(native.CACHE_ENV, str(blocked / "native"))  # its parent is a file: mkdir fails
+    native._load.cache_clear()
+    try:
+        why = native.unavailable(torch.float32, FLAGS)
+        if ISA_FLAGS and native._compiler():
+            assert native.CACHE_ENV in why and "could not build" in why
+        assert "gemv" not in kernel_choice.candidates(torch.device("cpu"), torch.float32, "float")
+    finally:
+        native._load.cache_clear()
