@@ -21,7 +21,7 @@ fastest is kept:
 The decode step's attention is chosen the same way (layout ``"attention"``, shape heads x
 kv heads x head size x the positions it is timed over): ``sdpa`` (torch's
 ``scaled_dot_product_attention``) or ``native-attention`` (:func:`llama.native.decode_attention`,
-where it builds).
+where it builds), which brings the decode rows' RMSNorm and RoPE in one native call each.
 
 Each measurement streams through enough copies of the weight to leave the cache, as a
 decode step does, unless the model's linear weights fit in the last-level cache anyway.
@@ -74,11 +74,12 @@ _MAX_TIMED_ELEMENTS = 1 << 26  # larger weights (e.g. the output layer) are time
 # busy processes at 0.48, and it picked dense where packed is 1.8x faster.
 QUIET_SHARE = 0.75
 ATTENTION_KERNELS = ("sdpa", "native-attention")  # the decode step's attention (llama.model.Attention.decode_attention)
+NATIVE_KERNELS = ("gemv", "int8-gemv", "native-attention")  # ours: llama.native
 ATTENTION_KV_LEN = 512  # cached positions the decode attention is timed over (fewer where the cache holds fewer)
 
 # The CPU flags that decide which kernels are fast (x86 /proc/cpuinfo names; ARM "Features").
 FLAGS = (
-    "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16",
+    "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16",
     "avx_ne_convert", "amx_tile", "amx_bf16", "amx_int8", "asimd", "asimddp", "sve", "sve2", "bf16", "i8mm",
 )
 
@@ -510,10 +511,8 @@ def check_override(
     if override.get("attention") == "native-attention":
         why = "it is for models on the CPU" if torch.device(device).type != "cpu" else native.unavailable(
             dtype, cpu_facts()["flags"])
-        if why and told_by != KERNELS_ENV:
-            raise ValueError(f"{told_by} 'native-attention' cannot run {dtype} here: {why}")
-        if why:  # the environment's choice for another machine or device: measured instead
-            del override["attention"]
+        if why:
+            raise ValueError(f"{told_by} 'native-attention' cannot run {dtype} here: {why}; use sdpa, or 'auto'")
     override = {k: v for k, v in override.items() if k in (layout, "attention")}
     names = candidates(device, dtype, layout)
     if layout in override and override[layout] not in names:
@@ -574,6 +573,8 @@ def decision_facts(
         "candidates": names,
         "batches": list(batches),
         "cache_resident": resident,
+        # our kernels' sources, where they were timed: changed kernels are measured again
+        "native": native.source_key() if any(n in NATIVE_KERNELS for n in names) else None,
     }
 
 
@@ -765,8 +766,11 @@ def apply(model: nn.Module, plan: Plan, on_packed=None) -> int:
     model.kernel_plan = plan
     attention = attention_shape(model)
     if attention is not None and ("attention", *attention) in plan.choices:
-        for block in model.layers:
-            block.attention.decode_attention = plan.kernel("attention", attention)
+        kernel = plan.kernel("attention", attention)
+        for block in model.layers:  # the native decode path brings its fused RoPE (in Attention) and RMSNorm
+            block.attention.decode_attention = kernel
+            block.attention_norm.fused = block.ffn_norm.fused = kernel == "native-attention"
+        model.norm.fused = kernel == "native-attention"
     for name, layer in linear_layers(model):
         want = plan.kernel(_layout_class(layer.weight, False), tuple(layer.weight.shape))
         have = linear_kernels.name_of(layer.kernel)

@@ -19,6 +19,7 @@ package but :mod:`llama.native` (which imports none), so the layers, packing and
 quantization all depend on it and not on each other.
 """
 
+import functools
 import weakref
 from typing import Callable, Dict, List, Optional
 
@@ -56,7 +57,8 @@ def gemv(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
 
     Under ``torch.compile``: the operator ``llama::gemv_linear`` (:func:`gemv_linear`).
 
-    Why oneDNN and not ``F.linear`` for prefill: ``F.linear`` on float32 is MKL's ``sgemm``,
+    oneDNN takes bfloat16 only where the CPU has the instructions for it (tried once); elsewhere
+    prefill is ``F.linear``. Why oneDNN and not ``F.linear`` for prefill: ``F.linear`` on float32 is MKL's ``sgemm``,
     which took 2.1-2.5x as long as oneDNN on 128 rows of the 110m shapes (Zen 5 EPYC: 160-200
     against 400-435 GFLOP/s; oneDNN read the dense weight as fast as its packed copy);
     bfloat16 goes to oneDNN either way.
@@ -67,15 +69,25 @@ def gemv(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     if native.covers(x, weight):
         return native.linear(x, weight)
     if (
-        _LINEAR_POINTWISE is not None
-        and weight.dtype in (torch.float32, torch.bfloat16)
-        and x.dtype == weight.dtype
-        and x.device.type == "cpu"
-        and not torch.compiler.is_compiling()
+        x.dtype == weight.dtype
+        and x.device.type == weight.device.type == "cpu"
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and _onednn_takes_dense(weight.dtype)
     ):
-        return _LINEAR_POINTWISE(x, weight, None, "none", [], "")
+        return _pointwise(x, weight)
     return F.linear(x, weight)
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_takes_dense(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's inner product runs on a dense ``dtype`` weight on this CPU (tried once on a
+    small one): float32 always, bfloat16 only where the CPU has the instructions oneDNN needs."""
+    if _LINEAR_POINTWISE is None or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    try:
+        return bool((_pointwise(torch.ones(2, 32, dtype=dtype), torch.ones(16, 32, dtype=dtype)) == 32).all())
+    except RuntimeError:
+        return False
 
 
 # ----------------------------------------------------------------------------- oneDNN-packed float32
@@ -123,7 +135,7 @@ def packed(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """``x @ layer.weight.T`` for a oneDNN-packed weight (handle in ``layer.packed_handle``)."""
     if torch.compiler.is_compiling():  # never touch the untraceable weight while tracing
         return packed_linear(x, layer.packed_handle, layer.packed_out_features)
-    return _LINEAR_POINTWISE(x, layer.weight, None, "none", [], "")
+    return _pointwise(x, layer.weight)
 
 
 # ----------------------------------------------------------------------------- int8 weight-only

@@ -135,12 +135,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+        self.fused = False  # decode rows in one native call (llama.native.rms_norm); set by llama.kernel_choice
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if native.norms(x, self.weight):  # the same math in one call (eager, CPU): llama/csrc/norm_rope.cpp
+        if self.fused and native.norms(x, self.weight):  # the same math in one call: llama/csrc/norm_rope.cpp
             return native.rms_norm(x, self.weight, self.eps)
         return self._norm(x.float()).type_as(x) * self.weight
 
@@ -156,14 +157,15 @@ def precompute_rope(head_dim: int, end: int, theta: float = 10000.0, device=None
     return torch.cos(angles), torch.sin(angles)
 
 
-def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """Rotate each adjacent pair (x[2i], x[2i+1]) of x by its position's angle.
 
     x: (bsz, seqlen, n_heads, head_dim); cos, sin: (bsz or 1, seqlen, head_dim/2), the
     angles of each token's own position (rows of a batch may sit at different positions).
     Meta's layout pairs adjacent features (Hugging Face's permutes them into halves).
+    ``fused``: decode rows in one native call (:func:`llama.native.rope`), where it applies.
     """
-    if native.ropes(x, cos, sin):  # the same math in one call (eager, CPU): llama/csrc/norm_rope.cpp
+    if fused and native.ropes(x, cos, sin):  # the same math in one call: llama/csrc/norm_rope.cpp
         return native.rope(x, cos, sin)
     # (bsz, seqlen, heads, head_dim) -> (bsz, seqlen, heads, head_dim/2, 2)
     pairs = x.float().unflatten(-1, (-1, 2))
@@ -308,8 +310,9 @@ class Attention(nn.Module):
         xq = xq.view(bsz, seqlen, self.n_local_heads, self.head_dim)
         xk = xk.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        xq = apply_rotary_emb(xq, cos, sin)
-        xk = apply_rotary_emb(xk, cos, sin)
+        fused = self.decode_attention == "native-attention"  # the native decode path: its RoPE too
+        xq = apply_rotary_emb(xq, cos, sin, fused)
+        xk = apply_rotary_emb(xk, cos, sin, fused)
 
         if isinstance(batch, DecodeRows):
             if batch.same_position is not None:

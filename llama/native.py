@@ -2,23 +2,30 @@
 
 - :func:`linear` (``gemv.cpp``): ``x @ W.T`` for the few rows of a decode step on a dense
   float32 or bfloat16 weight, at the speed the weight streams from memory;
+  :func:`linear_many` the same for several weights that read one input (q/k/v, w1/w3);
+- :func:`int8_linear` (``gemv.cpp``, AVX512-VNNI): int8 weights with per-row scales, the
+  activations quantized in blocks of 32;
 - :func:`decode_attention` (``attention.cpp``): one new token per cache row attending
-  over that row's cached keys and values, each read once, in float32.
+  over that row's cached keys and values, each read once, in float32;
+- :func:`rms_norm` and :func:`rope` (``norm_rope.cpp``): the model's RMSNorm and RoPE for
+  decode rows in one call each.
 
-The sources say why each exists. Both are candidates that :mod:`llama.kernel_choice`
-times on each machine against torch's (``"gemv"`` in :data:`llama.linear_kernels.KERNELS`;
-``"native-attention"`` against ``"sdpa"``), never defaults: where the CPU, the compiler
-or the thread runtime is missing, the candidate is simply absent, and
-:func:`unavailable` says why.
+The sources say why each exists. The first three are candidates that
+:mod:`llama.kernel_choice` times on each machine against torch's (``"gemv"``,
+``"int8-gemv"``, ``"native-attention"``), never defaults; the norm and RoPE come with the
+native attention. Where the CPU, the compiler or the thread runtime is missing, they are
+simply absent, and :func:`unavailable` says why.
 
 Building: the machine's C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``)
-compiles the sources once per instruction set (AVX2+FMA, AVX-512, AVX512-BF16) into one
-shared library, cached under ``~/.cache/llama/native/`` (``$LLAMA_NATIVE_CACHE``) by a
-hash of the sources, the compiler and its flags; a few seconds, once. The library needs
-no torch headers: it is plain C ABI, with OpenMP threads from the ``libgomp`` that torch
-has already loaded (the same soname resolves to it), so it shares torch's thread pool
-instead of starting a second one. Where torch's threads are not GNU OpenMP (e.g. a build
-on Intel's OpenMP), the kernels are not offered: two runtimes would fight over the cores.
+compiles the sources once per instruction set (AVX2+FMA, AVX-512, AVX512-BF16,
+AVX512-VNNI) into one shared library, cached under ``~/.cache/llama/native/``
+(``$LLAMA_NATIVE_CACHE``) by a hash of the sources, the compiler and its flags; a few
+seconds, once. The library needs no torch headers: it is plain C ABI, with OpenMP threads
+from the ``libgomp`` that torch has already loaded (the same soname resolves to it), so it
+shares torch's thread pool instead of starting a second one; after loading, the OpenMP
+runtime it resolves is checked to be torch's. Where torch's threads are not GNU OpenMP
+(e.g. a build on Intel's or LLVM's OpenMP), the kernels are not offered: two runtimes
+would fight over the cores.
 """
 
 import ctypes
@@ -44,12 +51,12 @@ CACHE_ENV = "LLAMA_NATIVE_CACHE"
 ISAS: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...], Dict[torch.dtype, Tuple[str, int]]]] = {
     "avx512bf16": (
         ("-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16", "-mfma"),
-        ("avx512f", "avx512bw", "avx512_bf16"),
+        ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16"),
         {torch.bfloat16: ("bf16_avx512bf16", 32)},
     ),
     "avx512": (
         ("-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma"),
-        ("avx512f", "avx512bw"),
+        ("avx512f", "avx512bw", "avx512dq", "avx512vl"),
         {torch.float32: ("f32_avx512", 16)},
     ),
     "avx2": (
@@ -59,7 +66,7 @@ ISAS: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...], Dict[torch.dtype, Tuple[
     ),
     "avx512vnni": (  # int8 weights only: INT8_ENTRIES
         ("-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mfma"),
-        ("avx512f", "avx512bw", "avx512_vnni"),
+        ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"),
         {},
     ),
 }
@@ -94,6 +101,13 @@ def _cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "llama" / "native"
 
 
+@functools.lru_cache(maxsize=None)
+def source_key() -> str:
+    """A hash of the kernels' sources: part of every cached kernel decision that timed them, so
+    that changed kernels are measured again."""
+    return hashlib.sha256(b"".join((CSRC / name).read_bytes() for name in (*SOURCES, "simd.h"))).hexdigest()[:16]
+
+
 def _compiler() -> Optional[str]:
     for name in filter(None, (os.environ.get("CXX"), "c++", "g++", "clang++")):
         path = shutil.which(name)
@@ -102,15 +116,35 @@ def _compiler() -> Optional[str]:
     return None
 
 
-def _torch_uses_libgomp() -> bool:
-    """Whether torch's intra-op threads are GNU OpenMP's, already loaded in this process."""
-    if "OpenMP" not in torch.__config__.parallel_info():
-        return False
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+def _openmp_of(library: ctypes.CDLL) -> Optional[str]:
+    """The file that ``omp_get_max_threads`` resolves to from ``library`` (its OpenMP runtime), or None."""
     try:
-        with open("/proc/self/maps") as f:
-            return "libgomp" in f.read()
+        function = library.omp_get_max_threads
+        dladdr = ctypes.CDLL(None).dladdr
+        dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
+        info = _DlInfo()
+        if not dladdr(ctypes.cast(function, ctypes.c_void_p), ctypes.byref(info)) or not info.dli_fname:
+            return None
+        return os.path.realpath(info.dli_fname.decode())
+    except (AttributeError, OSError):
+        return None
+
+
+def _torch_openmp() -> Optional[str]:
+    """torch's OpenMP runtime where it is GNU OpenMP (libgomp), which the kernels link too; else None."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    torch_cpu = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    try:
+        runtime = _openmp_of(ctypes.CDLL(str(torch_cpu)))  # already loaded: the same handle
     except OSError:
-        return False
+        return None
+    return runtime if runtime and Path(runtime).name.startswith("libgomp.so") else None
 
 
 # dtype -> the kernels that linear() and decode_attention() call: those of the latest _library() call
@@ -136,7 +170,8 @@ def _load(flags: frozenset) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dtype, En
                                     Dict[torch.dtype, Tuple[Callable, Callable]], str]:
     if platform.machine().lower() not in ("x86_64", "amd64") or not sys.platform.startswith("linux"):
         return None, {}, {}, {}, f"no native kernels for {platform.machine()} on {sys.platform} (x86-64 Linux only)"
-    if not _torch_uses_libgomp():
+    runtime = _torch_openmp()
+    if runtime is None:
         return None, {}, {}, {}, "torch's threads are not GNU OpenMP (libgomp) here: the kernels would start a second thread pool"
     isas = [isa for isa, (_, needs, _) in ISAS.items() if all(f in flags for f in needs)]
     if not isas:
@@ -162,6 +197,8 @@ def _load(flags: frozenset) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dtype, En
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         return None, {}, {}, {}, f"could not load {path}: {e}"
+    if _openmp_of(lib) != runtime:  # e.g. clang's libomp: a second pool beside torch's threads
+        return None, {}, {}, {}, f"{path.name} links the OpenMP runtime {_openmp_of(lib)}, not torch's {runtime}"
     entries: Dict[torch.dtype, Entries] = {}
     for isa in isas:  # ISAS lists the faster instruction sets first
         for dtype, (suffix, step) in ISAS[isa][2].items():
@@ -188,6 +225,11 @@ def _load(flags: frozenset) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dtype, En
     return lib, entries, int8, elementwise, ""
 
 
+def _openmp_flag(compiler: str) -> str:
+    """GNU OpenMP, the runtime torch's wheels use: clang's plain -fopenmp would link LLVM's libomp."""
+    return "-fopenmp=libgomp" if "clang" in Path(compiler).name else "-fopenmp"
+
+
 def _build(compiler: str, isas, path: Path) -> str:
     """Compile one object per source and instruction set (all at once), link them into ``path``; '' or what failed."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -196,7 +238,7 @@ def _build(compiler: str, isas, path: Path) -> str:
         for isa in isas:
             for name in SOURCES:
                 obj = Path(tmp) / f"{isa}-{name}.o"
-                cmd = [compiler, "-std=c++17", "-O3", "-fPIC", "-fopenmp", f"-DLLAMA_ISA_{isa.upper()}", *ISAS[isa][0],
+                cmd = [compiler, "-std=c++17", "-O3", "-fPIC", _openmp_flag(compiler), f"-DLLAMA_ISA_{isa.upper()}", *ISAS[isa][0],
                        "-c", str(CSRC / name), "-o", str(obj)]
                 jobs[(isa, name)] = (obj, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         failed = {}
@@ -210,7 +252,8 @@ def _build(compiler: str, isas, path: Path) -> str:
         if not objects:
             return f"{compiler} compiled the native kernels for none of the instruction sets {isas}"
         tmp_so = Path(tmp) / path.name
-        done = subprocess.run([compiler, "-shared", "-fopenmp", *objects, "-o", str(tmp_so)], capture_output=True, text=True)
+        done = subprocess.run([compiler, "-shared", _openmp_flag(compiler), *objects, "-o", str(tmp_so)], capture_output=True,
+                              text=True)
         if done.returncode != 0:
             return f"linking {path.name} failed: {done.stderr.strip()[-300:]}"
         os.replace(tmp_so, path)  # atomic: ranks building at once each install a whole file
@@ -233,19 +276,23 @@ def available(dtype: torch.dtype, flags: Iterable[str]) -> bool:
 
 
 def covers(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether :func:`linear` computes ``x @ weight.T`` with its own kernel: a CPU ``weight``
-    of a dtype :func:`available` said yes for, ``x`` of the same dtype with at most
-    :data:`MAX_ROWS` rows, the inner size a multiple of the kernel's step, a row-major
-    weight, no gradient wanted, and not under ``torch.compile`` (Inductor picks there)."""
+    """Whether :func:`linear` computes ``x @ weight.T`` with its own kernel: a 2-d, row-major
+    CPU ``weight`` of a dtype :func:`available` said yes for, a CPU ``x`` of the same dtype
+    whose last size is the weight's inner size (a multiple of the kernel's step) and with
+    at most :data:`MAX_ROWS` rows, no gradient wanted, and not under ``torch.compile``
+    (:mod:`llama.linear_kernels` calls it through an operator there)."""
     entry = _ENTRIES.get(weight.dtype)
-    in_features = weight.shape[-1]
     return (
         entry is not None
         and not torch.compiler.is_compiling()
         and x.dtype == weight.dtype
         and x.device.type == "cpu"
-        and in_features % entry.step == 0
-        and 0 < x.numel() // in_features <= MAX_ROWS
+        and weight.device.type == "cpu"
+        and weight.dim() == 2
+        and x.dim() >= 1
+        and x.shape[-1] == weight.shape[1]
+        and weight.shape[1] % entry.step == 0
+        and 0 < x.numel() // weight.shape[1] <= MAX_ROWS
         and weight.is_contiguous()
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     )
@@ -295,15 +342,18 @@ def int8_available(dtype: torch.dtype, flags: Iterable[str]) -> bool:
 def covers_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> bool:
     """Whether :func:`int8_linear` takes this call: as :func:`covers`, for an int8 ``weight``
     with float32 per-row ``scales``, an inner size that is a multiple of :data:`INT8_STEP`."""
-    in_features = weight.shape[-1]
     return (
         x.dtype in _INT8
         and not torch.compiler.is_compiling()
         and weight.dtype == torch.int8
         and scales.dtype == torch.float32
-        and x.device.type == "cpu"
-        and in_features % INT8_STEP == 0
-        and 0 < x.numel() // in_features <= MAX_ROWS
+        and x.device.type == weight.device.type == scales.device.type == "cpu"
+        and weight.dim() == 2
+        and x.dim() >= 1
+        and x.shape[-1] == weight.shape[1]
+        and scales.shape == weight.shape[:1]
+        and weight.shape[1] % INT8_STEP == 0
+        and 0 < x.numel() // weight.shape[1] <= MAX_ROWS
         and weight.is_contiguous()
         and scales.is_contiguous()
         and not (torch.is_grad_enabled() and x.requires_grad)
@@ -336,10 +386,12 @@ def _eager_cpu(*tensors: torch.Tensor) -> bool:
 
 
 def norms(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether :func:`rms_norm` takes ``x`` (..., dim) with this ``weight`` (dim,)."""
-    return (
-        x.dtype in _ELEMENTWISE and weight.dtype == x.dtype and x.dim() >= 1 and weight.shape == x.shape[-1:]
-        and x.shape[-1] % 8 == 0 and x.is_contiguous() and weight.is_contiguous() and _eager_cpu(x, weight)
+    """Whether :func:`rms_norm` takes ``x`` (..., dim) with this ``weight`` (dim,): at most
+    :data:`MAX_ROWS` rows (decode; the kernel runs on one thread, torch's prefill on all)."""
+    return (  # eager first: under torch.compile the sizes may be symbols that cannot be compared
+        _eager_cpu(x, weight) and x.dtype in _ELEMENTWISE and weight.dtype == x.dtype and x.dim() >= 1
+        and weight.shape == x.shape[-1:] and x.shape[-1] % 8 == 0 and 0 < x.numel() // x.shape[-1] <= MAX_ROWS
+        and x.is_contiguous() and weight.is_contiguous()
     )
 
 
@@ -353,12 +405,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def ropes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    """Whether :func:`rope` takes ``x`` (bsz, seqlen, heads, head_dim) with these tables (bsz or 1, seqlen, head_dim/2)."""
-    return (
-        x.dtype in _ELEMENTWISE and x.dim() == 4 and x.is_contiguous() and x.shape[-1] % 2 == 0
+    """Whether :func:`rope` takes ``x`` (bsz, seqlen, heads, head_dim) with these tables (bsz or 1,
+    seqlen, head_dim/2): at most :data:`MAX_ROWS` tokens (decode; one thread)."""
+    return (  # eager first: under torch.compile the sizes may be symbols that cannot be compared
+        _eager_cpu(x, cos, sin) and x.dtype in _ELEMENTWISE and x.dim() == 4 and x.is_contiguous()
+        and x.shape[-1] % 2 == 0 and 0 < x.shape[0] * x.shape[1] <= MAX_ROWS
         and cos.dtype == sin.dtype == torch.float32 and cos.shape == sin.shape and cos.dim() == 3
         and cos.shape[0] in (1, x.shape[0]) and cos.shape[1:] == (x.shape[1], x.shape[3] // 2)
-        and cos.is_contiguous() and sin.is_contiguous() and _eager_cpu(x, cos, sin)
+        and cos.is_contiguous() and sin.is_contiguous()
     )
 
 
@@ -383,7 +437,8 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
     q: (bsz, heads, head_dim); cache_k, cache_v: one layer's whole cache (rows >= bsz,
     kv_heads, max_seq_len, head_dim), of which rows ``0..bsz-1`` are read, query head ``h``
     reading kv head ``h // (heads // kv_heads)``; lengths: (bsz,) int64, each in
-    ``1..max_seq_len``. Returns (bsz, heads, head_dim) in q's dtype. Needs :func:`attends`
+    ``1..max_seq_len`` (the kernel clamps others to that range; a length of 0 gives zeros).
+    Returns (bsz, heads, head_dim) in q's dtype. Needs :func:`attends`
     (``ValueError`` otherwise): the caller picks torch's attention where it is false.
     """
     bsz, heads, head_dim = q.shape

@@ -230,16 +230,19 @@ def test_fused_norm_and_rope_equal_the_model_math(dtype, monkeypatch):
     gen = torch.Generator().manual_seed(0)
     norm = RMSNorm(96, eps=1e-5, dtype=dtype).requires_grad_(False)
     norm.weight.copy_(torch.randn(96, generator=gen))
-    x = (3 * torch.randn(4, 5, 96, generator=gen)).to(dtype)
+    norm.fused = True  # as llama.kernel_choice.apply sets it with the native attention
+    x = (3 * torch.randn(3, 5, 96, generator=gen)).to(dtype)  # 15 decode-sized rows
     cos, sin = precompute_rope(32, 64)
     q = torch.randn(3, 2, 6, 32, generator=gen).to(dtype)
     positions = torch.tensor([[3, 4], [40, 41], [62, 63]])  # each row its own positions: tables (3, 2, 16)
     with torch.inference_mode():
         assert native.norms(x, norm.weight) and native.ropes(q, cos[positions], sin[positions])
-        fused = norm(x), apply_rotary_emb(q, cos[positions], sin[positions]), apply_rotary_emb(q, cos[None, :2], sin[None, :2])
+        fused = (norm(x), apply_rotary_emb(q, cos[positions], sin[positions], fused=True),
+                 apply_rotary_emb(q, cos[None, :2], sin[None, :2], fused=True))
         monkeypatch.setattr(native, "norms", lambda *a: False)
         monkeypatch.setattr(native, "ropes", lambda *a: False)
-        unfused = norm(x), apply_rotary_emb(q, cos[positions], sin[positions]), apply_rotary_emb(q, cos[None, :2], sin[None, :2])
+        unfused = (norm(x), apply_rotary_emb(q, cos[positions], sin[positions], fused=True),
+                   apply_rotary_emb(q, cos[None, :2], sin[None, :2], fused=True))
     # float32: the same to rounding (FMA contraction); bfloat16: rounded where torch rounds, so at most one step apart
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     for got, want in zip(fused, unfused):
@@ -247,6 +250,8 @@ def test_fused_norm_and_rope_equal_the_model_math(dtype, monkeypatch):
         assert ((got.float() - want.float()).abs().max() / want.float().abs().max()).item() <= tol
     wants_grad = x.detach().clone().requires_grad_()
     assert norms(x, norm.weight) and not norms(wants_grad, norm.weight)  # a gradient wanted: torch's, which records it
+    prefill = torch.zeros(1, native.MAX_ROWS + 1, 96, dtype=dtype)
+    assert not norms(prefill, norm.weight)  # prefill rows: torch's, on all threads
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda v: str(v).removeprefix("torch."))
@@ -315,3 +320,20 @@ def test_an_unwritable_cache_means_no_candidate_and_says_where(tmp_path, monkeyp
         assert "gemv" not in kernel_choice.candidates(torch.device("cpu"), torch.float32, "float")
     finally:
         native._load.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda v: str(v).removeprefix("torch."))
+def test_mismatched_shapes_get_torchs_error_not_garbage(dtype):
+    need(dtype)
+    step = native._library(FLAGS)[1][dtype].step
+    x, w = torch.randn(4, step).to(dtype), torch.randn(8, 2 * step).to(dtype)
+    assert not native.covers(x, w)
+    with pytest.raises(RuntimeError):  # what F.linear says; the kernel would have read past x's rows
+        native.linear(x, w)
+    assert not native.covers(torch.randn(2, 2 * step).to(dtype), torch.randn(2 * step).to(dtype))  # a 1-d weight
+    if native.int8_available(dtype, FLAGS):
+        q = torch.zeros(16, native.INT8_STEP, dtype=torch.int8)
+        x8 = torch.randn(2, native.INT8_STEP).to(dtype)
+        assert native.covers_int8(x8, q, torch.ones(16))
+        assert not native.covers_int8(x8, q, torch.ones(8))  # fewer scales than rows: it would read past them
+        assert not native.covers_int8(torch.randn(2, 2 * native.INT8_STEP).to(dtype), q, torch.ones(16))

@@ -59,8 +59,12 @@ __attribute__((always_inline)) inline void tile(const typename Op::T *__restrict
 template <class Op, int R, int MT>
 void linear_many(const typename Op::T *x, const typename Op::T *const *ws, typename Op::T *const *ys, const int64_t *Ns,
                  int count, int64_t M, int64_t K, int threads) {
+  if (count > 8) {  // first[] below holds 8: the rest in another call
+    linear_many<Op, R, MT>(x, ws + 8, ys + 8, Ns + 8, count - 8, M, K, threads);
+    count = 8;
+  }
   const int rows = M == 1 ? 8 : R;  // rows of w per tile
-  int64_t first[9] = {0};            // first[i]: index of weight i's first tile (count <= 8)
+  int64_t first[9] = {0};            // first[i]: index of weight i's first tile
   for (int i = 0; i < count; i++) first[i + 1] = first[i] + Ns[i] / rows;
   const int64_t tiles = first[count];
 #pragma omp parallel for schedule(static) num_threads(threads)

@@ -1,4 +1,4 @@
-// Vector operations shared by the native kernels (gemv.cpp, attention.cpp), one struct per
+// Vector operations shared by the native kernels (gemv.cpp, attention.cpp, norm_rope.cpp), one struct per
 // instruction set and dtype. Each .cpp file is compiled once per instruction set, with
 // -DLLAMA_ISA_AVX2 (-mavx2 -mfma), -DLLAMA_ISA_AVX512 (-mavx512f -mavx512bw -mavx512dq -mavx512vl
 // -mfma), -DLLAMA_ISA_AVX512BF16 (the same and -mavx512bf16) or -DLLAMA_ISA_AVX512VNNI (the same
