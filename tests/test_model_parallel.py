@@ -228,6 +228,24 @@ def test_compiled_decode_at_mp2_matches_mp1(ckpts, tiny_tokenizer_path, tmp_path
     assert got["world"] == 2 and got["greedy"] == want["greedy"] and got["sampled"] == want["sampled"]
 
 
+def test_native_kernels_at_mp2_match_mp1(ckpts, tiny_tokenizer_path, tmp_path, reference):
+    # Our kernels on each rank's shard: q/k/v and w1/w3 in one call per rank (parallel_layers.project), the
+    # native decode attention over each rank's local heads; the same logits and greedy tokens as MP=1.
+    from llama import kernel_choice, native
+
+    if "gemv" not in kernel_choice.candidates(torch.device("cpu"), torch.float32, "float"):
+        pytest.skip(f"no native kernels here: {native.unavailable(torch.float32, kernel_choice.cpu_facts()['flags'])}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           *worker_args(tiny_tokenizer_path, tmp_path, {"plain": ckpts["plain-mp1"], "gqa": ckpts["gqa-mp1"]})]
+    env = {**launch_env(), "LLAMA_KERNELS": "gemv,native-attention"}
+    check_ok(subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, cwd=REPO))
+    for case in ("plain", "gqa"):
+        want_logits, want = read_case(reference, case)
+        logits, got = read_case(tmp_path, case)
+        assert got["world"] == 2 and (logits - want_logits).abs().max().item() <= TOLERANCE
+        assert got["greedy"] == want["greedy"]
+
+
 def test_world1_loads_sharded_checkpoints(reference):
     for case, source in (("plain", "plain_from2"), ("gqa", "gqa_from4")):
         want_logits, want = read_case(reference, case)
