@@ -411,6 +411,8 @@ def parse_args(argv=None):
                    "int8-gemv, sdpa, native-attention (comma-separated, one per kind) or auto (default: $LLAMA_KERNELS, else auto: measured on this machine)")
     p.add_argument("--dense-too", action="store_true", help="also run ours with kernels='dense' (ours-dense)")
     p.add_argument("--packed-too", action="store_true", help="also run ours with kernels='packed' (ours-packed)")
+    p.add_argument("--eager-too", action="store_true", help="with --compile: also run ours eager, with the kernels "
+                   "Llama.build picks (ours-eager), to compare compiled and eager in one run")
     p.add_argument("--batch-sizes", default="1,8", help="comma-separated (default %(default)s)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per row (default %(default)s)")
     p.add_argument("--gen-tokens", type=int, default=64, help="new tokens per row, N (default %(default)s)")
@@ -429,6 +431,8 @@ def parse_args(argv=None):
         p.error("--ckpt-dir needs --tokenizer-path")
     if args.no_checkpoint and args.ckpt_dir:
         p.error("--no-checkpoint makes random weights; it cannot be combined with --ckpt-dir")
+    if args.eager_too and not args.compile:
+        p.error("--eager-too adds ours eager to a --compile run (without --compile, ours is eager)")
     try:
         args.batch_sizes = sorted({int(b) for b in args.batch_sizes.split(",") if b.strip()})
     except ValueError:
@@ -528,8 +532,8 @@ def main(argv=None) -> int:
             kernel_choice.apply(float_model, kernel_choice.plan_for(float_model, device, dtype, override, compile=args.compile))
             llama = Llama(float_model, NoEosTokenizer())
             llama_int8 = None
-            if args.dense_too or args.packed_too:
-                raise SystemExit("--dense-too and --packed-too need a checkpoint (drop --no-checkpoint)")
+            if args.dense_too or args.packed_too or args.eager_too:
+                raise SystemExit("--dense-too, --packed-too and --eager-too need a checkpoint (drop --no-checkpoint)")
             if args.quantize:
                 start = time.perf_counter()
                 int8_model = quantize_model(transformer_sharing(state, margs, device, dtype), args.quantize)
@@ -594,6 +598,10 @@ def main(argv=None) -> int:
                     variants[f"ours-{kernel}"], seconds = build(kernels=kernel)
                     variants[f"ours-{kernel}"].tokenizer = NoEosTokenizer()
                     load[f"ours-{kernel}"] = {"how": how + f", kernels={kernel!r}", "s": seconds}
+            if args.eager_too:  # not compiled: the eager kernels Llama.build picks
+                variants["ours-eager"], seconds = build(kernels=args.kernels)
+                variants["ours-eager"].tokenizer = NoEosTokenizer()
+                load["ours-eager"] = {"how": how + ", eager", "s": seconds}
             hf_model = None
             if run_hf:
                 start = time.perf_counter()
