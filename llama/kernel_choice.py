@@ -309,7 +309,7 @@ def time_attention(
     """Seconds per call of each decode attention kernel of ``names`` for ``shape`` = (heads,
     kv heads, head size, cached positions), per batch size: one query per row over random
     keys and values, as a decode step attends (no mask: every row at the same position).
-    Rounds interleaved, the best counting, like :func:`time_kernels`."""
+    Timed as :func:`time_kernels` times (:func:`_best_of_rounds`)."""
     heads, kv_heads, head_dim, kv_len = shape
     gen = torch.Generator().manual_seed(seed)
     batches = list(batches)
@@ -325,25 +325,41 @@ def time_attention(
         else:
             native.decode_attention(q, k, v, lengths)
 
-    def one_round(name: str, b: int) -> float:  # seconds per call, over at least _ROUND_S / 4
+    def one_pass(name: str, b: int) -> float:  # seconds per call, over a few milliseconds of calls
         calls, start = 0, time.perf_counter()
         while True:
             call(name, b)
             calls += 1
             elapsed = time.perf_counter() - start
-            if elapsed >= _ROUND_S / 4:
+            if elapsed >= _ROUND_S / 8:
                 return elapsed / calls
 
+    return _best_of_rounds(one_pass, names, batches, usage)
+
+
+def _best_of_rounds(one_pass, names: List[str], batches: List[int], usage: Optional[Dict[str, float]]) -> Dict[str, Dict[int, float]]:
+    """The best of ``one_pass(name, b)`` (seconds per call) for each kernel and batch size: one
+    warm-up pass each, then :data:`_ROUNDS` rounds interleaving kernels within each batch size,
+    passes for :data:`_ROUND_S` per kernel and round (the fastest pass counts: others were
+    disturbed), a kernel :data:`_HOPELESS` times slower than the fastest after a round not timed
+    further. The wall and process CPU seconds spent are added to ``usage``."""
     wall0, cpu0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
-        for name in names:  # warm-up
+        for name in names:  # warm-up: oneDNN makes its primitives on first use
             for b in batches:
-                call(name, b)
+                one_pass(name, b)
         best = {name: {b: float("inf") for b in batches} for name in names}
-        for _ in range(_ROUNDS):
-            for name in names:
-                for b in batches:
-                    best[name][b] = min(best[name][b], one_round(name, b))
+        for round_ in range(_ROUNDS):
+            for b in batches:
+                fastest = min(best[name][b] for name in names)
+                for name in names:
+                    if round_ and best[name][b] > _HOPELESS * fastest:  # far behind after a round: not worth more time
+                        continue
+                    start = time.perf_counter()
+                    while True:
+                        best[name][b] = min(best[name][b], one_pass(name, b))
+                        if time.perf_counter() - start >= _ROUND_S:
+                            break
     if usage is not None:
         usage["wall_s"] = usage.get("wall_s", 0.0) + time.perf_counter() - wall0
         usage["cpu_s"] = usage.get("cpu_s", 0.0) + time.process_time() - cpu0
@@ -379,8 +395,8 @@ def time_kernels(
 
     Each kernel cycles through copies of its weight adding up to ``stream_bytes`` (at
     least one copy), so that it reads them from memory as a decode step does, rather
-    than from cache. Kernels and batch sizes are interleaved over a few rounds, the best
-    pass counting. Shapes above ``_MAX_TIMED_ELEMENTS`` are timed on their first rows.
+    than from cache; :func:`_best_of_rounds` keeps each kernel's best pass. Shapes above
+    ``_MAX_TIMED_ELEMENTS`` are timed on their first rows.
     """
     rows = min(shape[0], max(64, _MAX_TIMED_ELEMENTS // shape[1]))
     timed_shape = (rows, shape[1])
@@ -401,26 +417,7 @@ def time_kernels(
             kernel(x, layer)
         return (time.perf_counter() - start) / len(copies)
 
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    with torch.inference_mode():
-        for name in names:  # warm-up: oneDNN makes its primitives on first use
-            for b in batches:
-                one_pass(name, b)
-        best = {name: {b: float("inf") for b in batches} for name in names}
-        for round_ in range(_ROUNDS):
-            for b in batches:
-                fastest = min(best[name][b] for name in names)
-                for name in names:
-                    if round_ and best[name][b] > _HOPELESS * fastest:  # far behind after a round: not worth more time
-                        continue
-                    start = time.perf_counter()
-                    while True:  # passes for _ROUND_S; the fastest pass counts (others were disturbed)
-                        best[name][b] = min(best[name][b], one_pass(name, b))
-                        if time.perf_counter() - start >= _ROUND_S:
-                            break
-    if usage is not None:
-        usage["wall_s"] = usage.get("wall_s", 0.0) + time.perf_counter() - wall0
-        usage["cpu_s"] = usage.get("cpu_s", 0.0) + time.process_time() - cpu0
+    best = _best_of_rounds(one_pass, names, batches, usage)
     del layers, inputs
     _give_back_freed_memory()
     scale = shape[0] / rows  # the time of the whole weight

@@ -67,7 +67,7 @@ def gemv(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     if torch.compiler.is_compiling():  # an operator the compiled graph calls; Inductor fuses the work around it
         return gemv_linear(x, weight)
     if native.covers(x, weight):
-        return native.linear(x, weight)
+        return native.run_linear(x, weight)
     if (
         x.dtype == weight.dtype
         and x.device.type == weight.device.type == "cpu"
@@ -179,7 +179,7 @@ def int8_gemv(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     AVX512-VNNI kernel (:func:`llama.native.int8_linear`, activations quantized in blocks of 32)
     for up to ``native.MAX_ROWS`` rows (decode), :func:`int8_linear` for more (prefill)."""
     if native.covers_int8(x, layer.weight, layer.scales):
-        return native.int8_linear(x, layer.weight, layer.scales)
+        return native.run_int8_linear(x, layer.weight, layer.scales)
     return int8_linear(x, layer.weight, layer.scales)
 
 

@@ -165,26 +165,30 @@ def _library(flags: Iterable[str]) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dt
     return lib, entries, why
 
 
+def _none(why: str):
+    """What :func:`_load` returns where there are no native kernels: no library, no entry points, why."""
+    return None, {}, {}, {}, why
+
+
 @functools.lru_cache(maxsize=None)
 def _load(flags: frozenset) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dtype, Entries], Dict[torch.dtype, Callable],
                                     Dict[torch.dtype, Tuple[Callable, Callable]], str]:
     if platform.machine().lower() not in ("x86_64", "amd64") or not sys.platform.startswith("linux"):
-        return None, {}, {}, {}, f"no native kernels for {platform.machine()} on {sys.platform} (x86-64 Linux only)"
+        return _none(f"no native kernels for {platform.machine()} on {sys.platform} (x86-64 Linux only)")
     runtime = _torch_openmp()
     if runtime is None:
-        return None, {}, {}, {}, "torch's threads are not GNU OpenMP (libgomp) here: the kernels would start a second thread pool"
+        return _none("torch's threads are not GNU OpenMP (libgomp) here: the kernels would start a second thread pool")
     isas = [isa for isa, (_, needs, _) in ISAS.items() if all(f in flags for f in needs)]
     if not isas:
-        return None, {}, {}, {}, "this CPU has neither AVX2+FMA nor AVX-512"
+        return _none("this CPU has neither AVX2+FMA nor AVX-512")
     compiler = _compiler()
     if compiler is None:
-        return None, {}, {}, {}, "no C++ compiler (set CXX, or install g++ or clang++)"
-    source = b"".join((CSRC / name).read_bytes() for name in (*SOURCES, "simd.h"))
+        return _none("no C++ compiler (set CXX, or install g++ or clang++)")
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
-        return None, {}, {}, {}, f"{compiler} --version failed: {e}"
-    key = hashlib.sha256(source + version.encode() + repr([(i, ISAS[i][0]) for i in isas]).encode()).hexdigest()[:16]
+        return _none(f"{compiler} --version failed: {e}")
+    key = hashlib.sha256((source_key() + version + repr([(i, ISAS[i][0]) for i in isas])).encode()).hexdigest()[:16]
     path = _cache_dir() / f"gemv-{key}.so"
     if not path.exists():
         try:
@@ -192,13 +196,14 @@ def _load(flags: frozenset) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dtype, En
         except OSError as e:  # e.g. a read-only home: no native kernels, and say where to put them
             error = f"could not build the native kernels in {path.parent} ({e}); set {CACHE_ENV} to a writable folder"
         if error:
-            return None, {}, {}, {}, error
+            return _none(error)
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
-        return None, {}, {}, {}, f"could not load {path}: {e}"
-    if _openmp_of(lib) != runtime:  # e.g. clang's libomp: a second pool beside torch's threads
-        return None, {}, {}, {}, f"{path.name} links the OpenMP runtime {_openmp_of(lib)}, not torch's {runtime}"
+        return _none(f"could not load {path}: {e}")
+    linked = _openmp_of(lib)
+    if linked != runtime:  # e.g. clang's libomp: a second pool beside torch's threads
+        return _none(f"{path.name} links the OpenMP runtime {linked}, not torch's {runtime}")
     entries: Dict[torch.dtype, Entries] = {}
     for isa in isas:  # ISAS lists the faster instruction sets first
         for dtype, (suffix, step) in ISAS[isa][2].items():
@@ -298,18 +303,39 @@ def covers(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` (``F.linear`` without bias): the native kernel where :func:`covers`
-    says so, else ``F.linear``, so the result is always right."""
-    if not covers(x, weight):
-        return torch.nn.functional.linear(x, weight)
-    out_features, in_features = weight.shape
+def _as_rows(x: torch.Tensor, in_features: int) -> Tuple[int, torch.Tensor]:
     rows = x.numel() // in_features
-    x2 = x.reshape(rows, in_features).contiguous()  # (rows, in)
+    return rows, x.reshape(rows, in_features).contiguous()  # (..., in) -> (rows, in)
+
+
+def run_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """:func:`linear` for a call that :func:`covers` said yes to (not checked again: the decode loop's path)."""
+    out_features, in_features = weight.shape
+    rows, x2 = _as_rows(x, in_features)
     y = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype)
     _ENTRIES[weight.dtype].linear(x2.data_ptr(), weight.data_ptr(), y.data_ptr(), rows, out_features, in_features,
                                   torch.get_num_threads())
     return y
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` (``F.linear`` without bias): the native kernel where :func:`covers`
+    says so, else ``F.linear``, so the result is always right."""
+    return run_linear(x, weight) if covers(x, weight) else torch.nn.functional.linear(x, weight)
+
+
+def run_linear_many(x: torch.Tensor, weights) -> list:
+    """:func:`linear_many` for weights (at most :data:`MAX_MANY`, one inner size) that :func:`covers`
+    said yes to with ``x`` (not checked again: the decode loop's path)."""
+    in_features, count = weights[0].shape[1], len(weights)
+    rows, x2 = _as_rows(x, in_features)
+    ys = [torch.empty((*x.shape[:-1], w.shape[0]), dtype=x.dtype) for w in weights]
+    pointers = (ctypes.c_void_p * count)
+    _ENTRIES[x.dtype].linear_many(
+        x2.data_ptr(), pointers(*(w.data_ptr() for w in weights)), pointers(*(y.data_ptr() for y in ys)),
+        (ctypes.c_int64 * count)(*(w.shape[0] for w in weights)), count, rows, in_features, torch.get_num_threads(),
+    )
+    return ys
 
 
 def linear_many(x: torch.Tensor, weights) -> list:
@@ -318,19 +344,7 @@ def linear_many(x: torch.Tensor, weights) -> list:
     each weight (at most :data:`MAX_MANY`); else one call per weight."""
     if not (0 < len(weights) <= MAX_MANY and all(covers(x, w) for w in weights)):
         return [linear(x, w) for w in weights]
-    in_features = weights[0].shape[1]
-    if any(w.shape[1] != in_features for w in weights):
-        raise ValueError(f"weights of inner sizes {[w.shape[1] for w in weights]} cannot read the same input")
-    rows = x.numel() // in_features
-    x2 = x.reshape(rows, in_features).contiguous()  # (rows, in)
-    ys = [torch.empty((*x.shape[:-1], w.shape[0]), dtype=x.dtype) for w in weights]
-    count = len(weights)
-    pointers = (ctypes.c_void_p * count)
-    _ENTRIES[x.dtype].linear_many(
-        x2.data_ptr(), pointers(*(w.data_ptr() for w in weights)), pointers(*(y.data_ptr() for y in ys)),
-        (ctypes.c_int64 * count)(*(w.shape[0] for w in weights)), count, rows, in_features, torch.get_num_threads(),
-    )
-    return ys
+    return run_linear_many(x, weights)  # covers() checked x's size against each weight's inner size
 
 
 def int8_available(dtype: torch.dtype, flags: Iterable[str]) -> bool:
@@ -367,9 +381,13 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     if not covers_int8(x, weight, scales):
         raise ValueError(f"the native int8 kernel cannot take x {tuple(x.shape)} {x.dtype} with weight "
                          f"{tuple(weight.shape)} {weight.dtype} and scales {scales.dtype}")
+    return run_int8_linear(x, weight, scales)
+
+
+def run_int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """:func:`int8_linear` for a call that :func:`covers_int8` said yes to (not checked again)."""
     out_features, in_features = weight.shape
-    rows = x.numel() // in_features
-    x2 = x.reshape(rows, in_features).contiguous()  # (rows, in)
+    rows, x2 = _as_rows(x, in_features)
     y = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype)
     _INT8[x.dtype](x2.data_ptr(), weight.data_ptr(), scales.data_ptr(), y.data_ptr(), rows, out_features, in_features,
                    torch.get_num_threads())

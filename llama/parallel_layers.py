@@ -199,7 +199,7 @@ def project(x: torch.Tensor, *layers: "ColumnParallelLinear") -> list:
     if all(layer.kernel is linear_kernels.gemv and not layer.gather_output for layer in layers):
         x_in = x if first.single_rank else first._enter_region(x)
         if all(native.covers(x_in, layer.weight) for layer in layers):
-            return native.linear_many(x_in, [layer.weight for layer in layers])
+            return native.run_linear_many(x_in, [layer.weight for layer in layers])
     return [layer(x) for layer in layers]
 
 
