@@ -43,7 +43,8 @@ from typing import Callable, Dict, Iterable, NamedTuple, Optional, Tuple
 import torch
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("gemv.cpp", "attention.cpp", "norm_rope.cpp")  # and simd.h, which they include
+SOURCES = ("gemv.cpp", "attention.cpp", "norm_rope.cpp", "decode_step.cpp")  # each compiled once per instruction set
+HEADERS = ("simd.h", "gemv.h", "attention.h", "norm_rope.h")  # what they include
 CACHE_ENV = "LLAMA_NATIVE_CACHE"
 # instruction set -> (compiler flags, cpuinfo flags the CPU needs, dtype -> (entry points' suffix, step)):
 # the entry points are llama_linear_<suffix> and llama_decode_attention_<suffix>; the inner size
@@ -72,6 +73,10 @@ ISAS: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...], Dict[torch.dtype, Tuple[
 }
 # int8 weights (per-row float32 scales) x activations of a dtype: instruction set -> dtype -> entry point
 INT8_ENTRIES = {"avx512vnni": {torch.float32: "llama_linear_i8_f32_avx512vnni", torch.bfloat16: "llama_linear_i8_bf16_avx512vnni"}}
+# the whole decode step (decode_step.cpp) of a model with float weights: llama_decode_step_<suffix> (ISAS);
+# with int8 weights: instruction set -> dtype -> entry point
+INT8_STEP_ENTRIES = {"avx512vnni": {torch.float32: "llama_decode_step_i8_f32_avx512vnni",
+                                    torch.bfloat16: "llama_decode_step_i8_bf16_avx512vnni"}}
 INT8_STEP = 64  # the inner size must be a multiple of this
 MAX_ROWS = 16  # more rows than this (prefill) go to torch: there the product is compute-bound and oneDNN/MKL block for it
 _LINEAR_ARGS = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]  # x, w, y, M, N, K, threads
@@ -83,6 +88,7 @@ _ATTENTION_ARGS = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_float
 _INT8_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]  # x, w, w_scale, y, M, N, K, threads
 _NORM_ARGS = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]  # x, w, y, rows, dim, eps
 _ROPE_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5  # x, cos, sin, y, B, S, H, D, cos rows
+_STEP_ARGS = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]  # model, tokens, positions, M, logits, threads
 # dtype -> (RMSNorm, RoPE) entry points (AVX2 objects: every CPU that has any of the kernels)
 ELEMENTWISE_ENTRIES = {torch.float32: ("llama_rms_norm_f32", "llama_rope_f32"), torch.bfloat16: ("llama_rms_norm_bf16", "llama_rope_bf16")}
 
@@ -94,6 +100,7 @@ class Entries(NamedTuple):
     attention: Callable
     linear_many: Callable
     step: int  # the inner size (linear) and head size (attention) must be multiples of this
+    decode_step: Optional[Callable] = None  # the whole step, float weights (llama.native_step)
 
 
 def _cache_dir() -> Path:
@@ -105,7 +112,7 @@ def _cache_dir() -> Path:
 def source_key() -> str:
     """A hash of the kernels' sources: part of every cached kernel decision that timed them, so
     that changed kernels are measured again."""
-    return hashlib.sha256(b"".join((CSRC / name).read_bytes() for name in (*SOURCES, "simd.h"))).hexdigest()[:16]
+    return hashlib.sha256(b"".join((CSRC / name).read_bytes() for name in (*SOURCES, *HEADERS))).hexdigest()[:16]
 
 
 def _compiler() -> Optional[str]:
@@ -153,13 +160,15 @@ _ENTRIES: Dict[torch.dtype, Entries] = {}
 _INT8: Dict[torch.dtype, Callable] = {}
 # dtype -> (RMSNorm, RoPE) that rms_norm() and rope() call (same)
 _ELEMENTWISE: Dict[torch.dtype, Tuple[Callable, Callable]] = {}
+# activation dtype -> the whole decode step with int8 weights (llama.native_step) (same)
+_INT8_DECODE_STEP: Dict[torch.dtype, Callable] = {}
 
 
 def _library(flags: Iterable[str]) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dtype, Entries], str]:
     """(library, dtype -> kernels of the best instruction set among ``flags`` (cpuinfo names),
     why there is none); built or found in the cache. :func:`linear` and :func:`decode_attention` then use these."""
-    lib, entries, int8, elementwise, why = _load(frozenset(flags))
-    for table, new in ((_ENTRIES, entries), (_INT8, int8), (_ELEMENTWISE, elementwise)):
+    lib, entries, int8, elementwise, int8_step, why = _load(frozenset(flags))
+    for table, new in ((_ENTRIES, entries), (_INT8, int8), (_ELEMENTWISE, elementwise), (_INT8_DECODE_STEP, int8_step)):
         table.clear()
         table.update(new)
     return lib, entries, why
@@ -167,12 +176,12 @@ def _library(flags: Iterable[str]) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dt
 
 def _none(why: str):
     """What :func:`_load` returns where there are no native kernels: no library, no entry points, why."""
-    return None, {}, {}, {}, why
+    return None, {}, {}, {}, {}, why
 
 
 @functools.lru_cache(maxsize=None)
 def _load(flags: frozenset) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dtype, Entries], Dict[torch.dtype, Callable],
-                                    Dict[torch.dtype, Tuple[Callable, Callable]], str]:
+                                    Dict[torch.dtype, Tuple[Callable, Callable]], Dict[torch.dtype, Callable], str]:
     if platform.machine().lower() not in ("x86_64", "amd64") or not sys.platform.startswith("linux"):
         return _none(f"no native kernels for {platform.machine()} on {sys.platform} (x86-64 Linux only)")
     runtime = _torch_openmp()
@@ -213,7 +222,7 @@ def _load(flags: frozenset) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dtype, En
                 linear_fn.argtypes, linear_fn.restype = _LINEAR_ARGS, None
                 attention_fn.argtypes, attention_fn.restype = _ATTENTION_ARGS, None
                 many_fn.argtypes, many_fn.restype = _LINEAR_MANY_ARGS, None
-                entries[dtype] = Entries(linear_fn, attention_fn, many_fn, step)
+                entries[dtype] = Entries(linear_fn, attention_fn, many_fn, step, _step_entry(lib, f"llama_decode_step_{suffix}"))
     int8: Dict[torch.dtype, Callable] = {}
     for isa in isas:
         for dtype, name in INT8_ENTRIES.get(isa, {}).items():
@@ -227,7 +236,22 @@ def _load(flags: frozenset) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dtype, En
             norm_fn.argtypes, norm_fn.restype = _NORM_ARGS, None
             rope_fn.argtypes, rope_fn.restype = _ROPE_ARGS, None
             elementwise[dtype] = (norm_fn, rope_fn)
-    return lib, entries, int8, elementwise, ""
+    int8_step: Dict[torch.dtype, Callable] = {}
+    for isa in isas:
+        for dtype, name in INT8_STEP_ENTRIES.get(isa, {}).items():
+            entry = _step_entry(lib, name)
+            if dtype not in int8_step and entry is not None:
+                int8_step[dtype] = entry
+    return lib, entries, int8, elementwise, int8_step, ""
+
+
+def _step_entry(lib: ctypes.CDLL, name: str) -> Optional[Callable]:
+    """The whole-step entry point ``name`` (model, tokens, positions, rows, logits, threads), if the library has it."""
+    if not hasattr(lib, name):
+        return None
+    entry = getattr(lib, name)
+    entry.argtypes, entry.restype = _STEP_ARGS, None
+    return entry
 
 
 def _openmp_flag(compiler: str) -> str:
@@ -491,3 +515,13 @@ def decode_attention_op(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.T
 @decode_attention_op.register_fake
 def _decode_attention_shape(q, cache_k, cache_v, lengths):
     return q.new_empty(q.shape)
+
+
+def decode_step_entry(dtype: torch.dtype, int8_weights: bool) -> Optional[Callable]:
+    """The whole decode step (``decode_step.cpp``, see :mod:`llama.native_step`) for a ``dtype`` model
+    with float (``dtype``) or int8 weights, of the best instruction set the CPU has; None if there
+    is none (or the library was not loaded: :func:`available` loads it)."""
+    if int8_weights:
+        return _INT8_DECODE_STEP.get(dtype)
+    entry = _ENTRIES.get(dtype)
+    return None if entry is None else entry.decode_step

@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from . import distributed, packed_linear
+from . import distributed, native_step, packed_linear
 from .model import KVCache, Segments, Transformer
 
 # Inductor settings for the compiled CPU decode step with float weights. Freezing turns the
@@ -151,6 +151,9 @@ class ModelRunner:
             dtype = model.norm.weight.dtype
             model.cache = KVCache(model.params, max_batch_size, max_seq_len, self.device, dtype)
         self._decode_step = None  # compiled one-token step, see compile()
+        # the eager step in one native call (llama.native_step), for the kernel plan and cache it was made for
+        self._native: Optional[native_step.NativeStep] = None
+        self._native_for: Optional[tuple] = None
         self.any_batch_size = False  # whether _decode_step is one graph for every batch size
         self.compiled_batch_sizes: List[int] = []  # batch sizes _decode_step has run (a graph each unless any_batch_size)
 
@@ -189,6 +192,9 @@ class ModelRunner:
         t = torch.tensor(padded, dtype=torch.long)[:, None].to(self.device, non_blocking=True)  # (size, 1)
         pos = torch.tensor(positions[:size], dtype=torch.long).to(self.device, non_blocking=True)
         if self._decode_step is None:
+            step = self.native_decoder()
+            if step is not None and n <= step.rows:
+                return step(tokens, positions)
             first = positions[0]
             if all(p == first for p in positions[:size]):  # the common case: a slice write, no mask
                 return self.model.decode_step(t, pos, same_position=first)
@@ -196,6 +202,16 @@ class ModelRunner:
         if size not in self.compiled_batch_sizes:
             self.compiled_batch_sizes.append(size)
         return self._decode_step(t, pos)[:n]
+
+    def native_decoder(self) -> Optional[native_step.NativeStep]:
+        """The eager decode step in one native call (:mod:`llama.native_step`) where the model can
+        take it (:func:`llama.native_step.why_not`), else None; made again when the model's kernel
+        plan or cache changes."""
+        wanted = (getattr(self.model, "kernel_plan", None), self.model.cache)
+        if self._native_for is None or any(a is not b for a, b in zip(wanted, self._native_for)):
+            self._native_for = wanted
+            self._native = native_step.NativeStep.for_model(self.model)
+        return self._native
 
     def compile(self, warmup_batch_sizes: Sequence[int] = (1,)) -> float:
         """Compile the decode step and warm it up for each batch size; returns the seconds taken.

@@ -104,9 +104,8 @@ struct Lanes512 {  // float32 lanes: what both AVX-512 Ops share
     }
   }
 };
-#endif
 
-#if defined(LLAMA_ISA_AVX512)
+// in every AVX-512 object: the int8 ones (AVX512-VNNI) run float32 activations with it
 struct F32Avx512 : Lanes512 {  // float32: 16 products per FMA
   using T = float;
   using X = __m512;
@@ -115,6 +114,28 @@ struct F32Avx512 : Lanes512 {  // float32: 16 products per FMA
   static Acc madd(Acc a, X x, const T *w) { return _mm512_fmadd_ps(x, _mm512_loadu_ps(w), a); }
   static Acc widen(const T *p) { return _mm512_loadu_ps(p); }
   static void store(T *p, Acc a) { _mm512_storeu_ps(p, a); }
+};
+
+inline __m512 bf16x16(const uint16_t *p) {  // bfloat16 -> float32 is a 16-bit shift
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+// bfloat16 without AVX512-BF16's instructions, widened to float32: 32 products per two FMAs (the
+// int8 objects' bfloat16 activations: AVX512-VNNI CPUs need not have AVX512-BF16)
+struct Bf16Avx512Widened : Lanes512 {
+  using T = uint16_t;
+  struct X {
+    __m512 lo, hi;
+  };
+  static constexpr int kStep = 32;
+  static X load_x(const T *x) { return X{bf16x16(x), bf16x16(x + 16)}; }
+  static Acc madd(Acc a, X x, const T *w) { return _mm512_fmadd_ps(x.hi, bf16x16(w + 16), _mm512_fmadd_ps(x.lo, bf16x16(w), a)); }
+  static Acc widen(const T *p) { return bf16x16(p); }
+  static void store(T *p, Acc a) {
+    float f[16];
+    _mm512_storeu_ps(f, a);
+    for (int i = 0; i < 16; i++) p[i] = to_bf16(f[i]);
+  }
 };
 #endif
 

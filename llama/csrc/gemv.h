@@ -1,0 +1,234 @@
+// y = x @ w.T for the few rows of a decode step, reading the weight once at memory speed: the
+// loops of gemv.cpp (whose entry points run each product in a parallel region of its own) and of
+// decode_step.cpp (which runs a whole decode step in one).
+//
+// x: (M, K) activations, w: (N, K) dense row-major weight (the checkpoint's layout), y: (M, N),
+// all float32 or all bfloat16; float32 accumulation. See simd.h for how the files are compiled
+// (once per instruction set) and llama/native.py for how they are built, loaded and called.
+//
+// Why a kernel of our own: at batch 1 a decode step is a chain of matrix-vector products whose
+// speed is the rate at which the weights stream from memory. oneDNN and MKL reach about 60-90%
+// of it on small matrices; this loop keeps eight rows' streams in flight (eight accumulators
+// against one activation vector) and reaches the read bandwidth (llama.kernel_choice measures
+// it against them on each machine and keeps the faster).
+//
+// Tiles: rows R of w against MT rows of x, R * MT accumulators; for M == 1, R = 8; for more rows
+// R x 2 (AVX-512: 8 x 2 = 16 accumulators, summed across lanes with one transpose tree).
+// K must be a multiple of the vector step (16 float32, 32 bfloat16 for AVX-512; 8 and 16 for
+// AVX2): the Python side checks and falls back to torch where it is not.
+//
+// int8 weights (llama/quantize.py: per-row scales, values in [-127, 127]) with AVX512-VNNI:
+// the activations are first quantized to int8 in blocks of 32 with a float32 scale per block (as
+// llama.cpp's Q8 activations: robust to a few large channels), then one vpdpbusd makes 64
+// int8 products: it multiplies unsigned by signed bytes, so the weights are read as w + 128
+// (an XOR of the sign bit) and 128 * sum(x) is taken off once per row of x. Each pair of
+// blocks' int32 sums is scaled by its block scales into float32 accumulators. K must be a
+// multiple of 64.
+//
+// The loops hand each tile's float32 sums to an epilogue, out(m, n, value): store them, add them
+// to a residual, or combine two weights' (SwiGLU), as the caller needs.
+
+#pragma once
+
+#include <vector>
+
+#include "simd.h"
+
+namespace {
+
+constexpr int kTileRows = 8;  // rows of w per tile (and per parallel work item)
+
+// the sums of rows n..n+R-1 of w with rows m..m+MT-1 of x: out[j * R + r] = x[m + j] . w[n + r]
+template <class Op, int R, int MT>
+__attribute__((always_inline)) inline void tile_sums(const typename Op::T *__restrict x, const typename Op::T *__restrict w,
+                                                     int64_t K, int64_t n, int64_t m, float *out) {
+  typename Op::Acc a[R * MT];
+#pragma GCC unroll 16
+  for (int i = 0; i < R * MT; i++) a[i] = Op::zero();
+  const typename Op::T *wr = w + n * K, *xr = x + m * K;
+  for (int64_t k = 0; k < K; k += Op::kStep) {
+    typename Op::X xv[MT];
+#pragma GCC unroll 16
+    for (int j = 0; j < MT; j++) xv[j] = Op::load_x(xr + j * K + k);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) {
+#pragma GCC unroll 16
+      for (int j = 0; j < MT; j++) a[j * R + r] = Op::madd(a[j * R + r], xv[j], wr + r * K + k);
+    }
+  }
+  Op::template reduce<R * MT>(a, out);
+}
+
+// Tile t (rows t * kTileRows.. of w, fewer at the end) against all M rows of x: out(m, n, sum)
+// for each. MT rows of x share each weight load where M > 1.
+template <class Op, int R2, int MT, class Out>
+__attribute__((always_inline)) inline void tile_rows(const typename Op::T *x, const typename Op::T *w, int64_t M, int64_t N,
+                                                     int64_t K, int64_t t, Out &&out) {
+  const int64_t n = t * kTileRows;
+  float s[kTileRows * MT];
+  if (n + kTileRows > N) {  // the last rows, one at a time
+    for (int64_t r = n; r < N; r++)
+      for (int64_t m = 0; m < M; m++) {
+        tile_sums<Op, 1, 1>(x, w, K, r, m, s);
+        out(m, r, s[0]);
+      }
+    return;
+  }
+  if (M == 1) {
+    tile_sums<Op, kTileRows, 1>(x, w, K, n, 0, s);
+    for (int r = 0; r < kTileRows; r++) out(0, n + r, s[r]);
+    return;
+  }
+  // R2 rows of w at a time (8 with AVX-512, 4 with AVX2: the accumulators the registers hold)
+  for (int64_t r0 = n; r0 < n + kTileRows; r0 += R2) {
+    int64_t m = 0;
+    for (; m + MT <= M; m += MT) {
+      tile_sums<Op, R2, MT>(x, w, K, r0, m, s);
+      for (int j = 0; j < MT; j++)
+        for (int r = 0; r < R2; r++) out(m + j, r0 + r, s[j * R2 + r]);
+    }
+    for (; m < M; m++) {
+      tile_sums<Op, R2, 1>(x, w, K, r0, m, s);
+      for (int r = 0; r < R2; r++) out(m, r0 + r, s[r]);
+    }
+  }
+}
+
+inline int64_t tiles_of(int64_t N) { return (N + kTileRows - 1) / kTileRows; }
+
+// Inside a parallel region: x @ w.T for every row of x, the tiles shared among the threads
+// (no barrier at the end: the caller's)
+template <class Op, int R2, int MT, class Out>
+inline void linear_shared(const typename Op::T *x, const typename Op::T *w, int64_t M, int64_t N, int64_t K, Out &&out) {
+#pragma omp for schedule(static) nowait
+  for (int64_t t = 0; t < tiles_of(N); t++) tile_rows<Op, R2, MT>(x, w, M, N, K, t, out);
+}
+
+// y_i = x @ w_i.T for `count` weights (N_i, K) that read the same x: one parallel region over all
+// their row tiles (a layer's q, k and v projections, or w1 and w3), so the weights stream back to
+// back and the threads meet once.
+template <class Op, int R2, int MT>
+void linear_many(const typename Op::T *x, const typename Op::T *const *ws, typename Op::T *const *ys, const int64_t *Ns,
+                 int count, int64_t M, int64_t K, int threads) {
+  std::vector<int64_t> first(count + 1, 0);  // first[i]: index of weight i's first tile
+  for (int i = 0; i < count; i++) first[i + 1] = first[i] + tiles_of(Ns[i]);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < first[count]; t++) {
+    int i = 0;
+    while (t >= first[i + 1]) i++;
+    typename Op::T *y = ys[i];
+    const int64_t N = Ns[i];
+    tile_rows<Op, R2, MT>(x, ws[i], M, N, K, t - first[i], [=](int64_t m, int64_t n, float v) { put(y + m * N + n, v); });
+  }
+}
+
+#if defined(LLAMA_ISA_AVX512VNNI)
+// x rows quantized for the int8 kernel: int8 values, the block scales spread over the 16 lanes of
+// each 64-value chunk (lanes 0-7: the chunk's first block, 8-15: its second), and per row the
+// correction 128 * sum over blocks of scale * sum(values)
+struct QuantizedRows {
+  std::vector<int8_t> q;
+  std::vector<float> lane_scales, correction;
+};
+
+inline __m512 load16(const float *p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t *p) { return bf16x16(p); }
+
+template <class TX>
+void quantize_rows(const TX *x, int64_t M, int64_t K, QuantizedRows &out) {
+  out.q.resize(M * K);
+  out.lane_scales.resize(M * K / 4);
+  out.correction.resize(M);
+  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  for (int64_t m = 0; m < M; m++) {
+    double correction = 0;
+    for (int64_t b = 0; b < K / 32; b++) {
+      const TX *blk = x + m * K + b * 32;
+      const __m512 lo = load16(blk), hi = load16(blk + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(lo, abs_mask), _mm512_and_ps(hi, abs_mask)));
+      const float scale = amax / 127.0f;
+      const __m512 inv = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+      // rounded to nearest even (the default rounding mode); |v| <= 127
+      const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv)), qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
+      _mm_storeu_si128((__m128i *)(out.q.data() + m * K + b * 32), _mm512_cvtsepi32_epi8(qlo));
+      _mm_storeu_si128((__m128i *)(out.q.data() + m * K + b * 32 + 16), _mm512_cvtsepi32_epi8(qhi));
+      _mm256_storeu_ps(out.lane_scales.data() + m * K / 4 + b * 8, _mm256_set1_ps(scale));
+      correction += 128.0 * scale * _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+    }
+    out.correction[m] = (float)correction;
+  }
+}
+
+// the products of rows n..n+R-1 of w (scales w_scale) with quantized rows m..m+MT-1 of x:
+// out[j * R + r] = w_scale[n + r] * (sum - correction[m + j])
+template <int R, int MT>
+__attribute__((always_inline)) inline void tile_sums_i8(const QuantizedRows &x, const int8_t *__restrict w,
+                                                        const float *__restrict w_scale, int64_t K, int64_t n, int64_t m,
+                                                        float *out) {
+  __m512 a[R * MT];
+#pragma GCC unroll 16
+  for (int i = 0; i < R * MT; i++) a[i] = _mm512_setzero_ps();
+  const __m512i sign = _mm512_set1_epi8((char)0x80);
+  const int8_t *wr = w + n * K;
+  for (int64_t k = 0; k < K; k += 64) {
+    __m512i xq[MT];
+    __m512 xs[MT];
+#pragma GCC unroll 8
+    for (int j = 0; j < MT; j++) {
+      xq[j] = _mm512_loadu_si512(x.q.data() + (m + j) * K + k);
+      xs[j] = _mm512_loadu_ps(x.lane_scales.data() + (m + j) * K / 4 + k / 4);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) {
+      const __m512i wu = _mm512_xor_si512(_mm512_loadu_si512(wr + r * K + k), sign);  // w + 128, unsigned
+#pragma GCC unroll 8
+      for (int j = 0; j < MT; j++) {
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, xq[j]);  // 16 sums of 4 products
+        a[j * R + r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), xs[j], a[j * R + r]);
+      }
+    }
+  }
+  Lanes512::reduce<R * MT>(a, out);
+  for (int j = 0; j < MT; j++)
+    for (int r = 0; r < R; r++) out[j * R + r] = w_scale[n + r] * (out[j * R + r] - x.correction[m + j]);
+}
+
+// tile t of an int8 weight against all M quantized rows of x: out(m, n, value) for each
+template <class Out>
+__attribute__((always_inline)) inline void tile_rows_i8(const QuantizedRows &x, const int8_t *w, const float *w_scale,
+                                                        int64_t M, int64_t N, int64_t K, int64_t t, Out &&out) {
+  constexpr int MT = 2;
+  const int64_t n = t * kTileRows;
+  float s[kTileRows * MT];
+  if (n + kTileRows > N) {  // the last rows, one at a time
+    for (int64_t r = n; r < N; r++)
+      for (int64_t m = 0; m < M; m++) {
+        tile_sums_i8<1, 1>(x, w, w_scale, K, r, m, s);
+        out(m, r, s[0]);
+      }
+    return;
+  }
+  int64_t m = 0;
+  for (; m + MT <= M; m += MT) {
+    tile_sums_i8<kTileRows, MT>(x, w, w_scale, K, n, m, s);
+    for (int j = 0; j < MT; j++)
+      for (int r = 0; r < kTileRows; r++) out(m + j, n + r, s[j * kTileRows + r]);
+  }
+  for (; m < M; m++) {
+    tile_sums_i8<kTileRows, 1>(x, w, w_scale, K, n, m, s);
+    for (int r = 0; r < kTileRows; r++) out(m, n + r, s[r]);
+  }
+}
+
+template <class TX>
+void linear_i8(const TX *x, const int8_t *w, const float *w_scale, TX *y, int64_t M, int64_t N, int64_t K, int threads) {
+  static thread_local QuantizedRows scratch;  // this calling thread's, reused: no allocation per call
+  QuantizedRows &rows = scratch;  // named here: inside the parallel region the name would be each worker's own
+  quantize_rows(x, M, K, rows);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < tiles_of(N); t++)
+    tile_rows_i8(rows, w, w_scale, M, N, K, t, [=](int64_t m, int64_t n, float v) { put(y + m * N + n, v); });
+}
+#endif
+
+}  // namespace
