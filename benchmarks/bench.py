@@ -482,7 +482,7 @@ def main(argv=None) -> int:
     threads = torch.get_num_threads()
 
     from llama import Llama
-    from llama import distributed, kernel_choice
+    from llama import distributed, kernel_choice, native_step
     from llama.model import ModelArgs
     from llama.packed_linear import is_packed
     from llama.quantize import quantize_model, weight_bytes
@@ -643,8 +643,11 @@ def main(argv=None) -> int:
             _sync(device)
         def ours_notes(built, name: str) -> dict:
             plan = getattr(built.model, "kernel_plan", None)
-            return {"kv_cache": "static (preallocated)", "compiled": name in compile_s, "packed_weights": is_packed(built.model),
-                    "kernels": plan.as_dict() if plan is not None else None}
+            compiled = name in compile_s
+            # eager CPU decode: one native call per step (llama/native_step.py), or the model's modules and why
+            step = "compiled" if compiled else native_step.describe(native_step.why_not(built.model))
+            return {"kv_cache": "static (preallocated)", "compiled": compiled, "packed_weights": is_packed(built.model),
+                    "kernels": plan.as_dict() if plan is not None else None, "decode_step": step}
 
         impls.append(Impl("ours", ours_generate(llama), weight_bytes(llama.model), ours_notes(llama, "ours")))
         for name, built in variants.items():
@@ -788,7 +791,8 @@ def print_table(r: dict) -> None:
             continue
         share = plan.get("cpu_share")
         busy = "" if share is None else f", {share:.0%} of the threads' time while timing"
-        print(f"  {name:<10} kernels ({plan['dtype']}, {plan['threads']}, {plan['measure_s']:.1f} s to decide{busy}):")
+        print(f"  {name:<10} kernels ({plan['dtype']}, {plan['threads']}, {plan['measure_s']:.1f} s to decide{busy}); "
+              f"decode step: {notes.get('decode_step', '?')}:")
         for shape, c in plan["choices"].items():
             behind = ""
             if c["timings_ms"]:  # the timings behind the pick: ms per call at each decode batch size

@@ -4,7 +4,8 @@ Prints, section by section: the CPU (model, the instruction-set flags that matte
 cores), the threads torch uses, torch's version and CPU capability, the measured read
 bandwidth (and the batch-1 decode limits it sets), and the linear kernels that
 :mod:`llama.kernel_choice` picks for each shape of a model, with the timings behind
-each pick. Usage::
+each pick, and whether such a model's eager decode step then runs as one native call
+(:mod:`llama.native_step`) or through its modules, and why. Usage::
 
     python -m llama.doctor                          # the Llama-2-7B shapes, float32, bfloat16 and int8
     python -m llama.doctor --ckpt_dir weights/llama-2-13b --model-parallel-size 2
@@ -22,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from . import kernel_choice, packed_linear
+from . import kernel_choice, native_step, packed_linear
 from .model import ModelArgs
 
 GB = 1e9
@@ -115,6 +116,7 @@ def report(
              f"{' and '.join(map(str, kernel_choice.DECODE_BATCHES))}, GB/s of weights read)")
     shapes = linear_shapes(args, world)
     runs = [(d, "float") for d in dtypes] + ([(torch.float32, "int8")] if int8 else [])
+    attention: Dict[torch.dtype, str] = {}  # dtype -> the decode attention picked
     for dtype, layout in runs:
         element = 1 if layout == "int8" else torch.empty((), dtype=dtype).element_size()
         stream = linear_bytes(args, world, element)
@@ -132,15 +134,18 @@ def report(
             for kernel, per in choice.timings_ms.items():
                 cells = "   ".join(f"b{b}: {_ms(t, nbytes)}" for b, t in sorted(per.items(), key=lambda kv: int(kv[0])))
                 print(f"        {kernel:<9} {cells}")
-        if layout == "float":  # the decode step's attention, over ATTENTION_KV_LEN cached positions
+        if dtype not in attention:  # the decode step's attention, over ATTENTION_KV_LEN cached positions (once per dtype)
             shape = (args.n_heads // world, max(1, args.kv_heads // world), args.head_dim, kernel_choice.ATTENTION_KV_LEN)
             choice = kernel_choice.choose([("attention", shape)], torch.device("cpu"), dtype, {}, remeasure=remeasure
                                           ).choices[("attention", *shape)]
+            attention[dtype] = choice.kernel
             print(f"  attention: {shape[0]} heads, {shape[1]} kv heads of {shape[2]}, over {shape[3]} positions "
                   f"-> {choice.kernel} ({choice.source})")
             for kernel, per in choice.timings_ms.items():
                 cells = "   ".join(f"b{b}: {float(t):8.3f} ms" for b, t in sorted(per.items(), key=lambda kv: int(kv[0])))
                 print(f"        {kernel:<16} {cells}")
+        picked = {plan.choices[(layout, *shape)].kernel for _, shape in shapes}
+        print(f"  decode step: {native_step.describe(native_step.plan_allows(dtype, layout == 'int8', picked, attention.get(dtype), world))}")
     if prefill:
         _section(f"Prefill ({prefill} rows: compute-bound; each kernel on the largest per-layer shape, not cached)")
         names, shape = max(shapes[:-1], key=lambda item: item[1][0] * item[1][1])  # the output layer aside

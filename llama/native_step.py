@@ -17,7 +17,7 @@ C++ rounds where torch rounds, but its sums run in another order.
 
 import ctypes
 import os
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Set
 
 import torch
 
@@ -51,26 +51,43 @@ def _projections(block) -> List[torch.nn.Module]:
     return [attention.wq, attention.wk, attention.wv, attention.wo, ffn.w1, ffn.w2, ffn.w3]
 
 
-def why_not(model: Transformer) -> str:
-    """'' if :class:`NativeStep` can run ``model``'s decode steps, else why not."""
+def plan_allows(dtype: torch.dtype, int8: bool, kernels: Set[str], attention: Optional[str], world: int = 1) -> str:
+    """'' if a model with these kernel picks (its linear layers' ``kernels``, its decode ``attention``)
+    would take the one-call step, else why not: the part of :func:`why_not` a kernel plan decides."""
     if os.environ.get(ENV, "1") == "0":
         return f"turned off ({ENV}=0)"
+    if world != 1:
+        return "model parallel: the ranks exchange activations between the products"
+    want = "int8-gemv" if int8 else "gemv"
+    if set(kernels) != {want}:
+        return f"its linear layers run {', '.join(sorted(kernels))}, not all {want}"
+    if attention != "native-attention":
+        return f"its decode attention is {attention}, not native-attention"
+    if native.decode_step_entry(dtype, int8) is None:
+        return f"no native decode step for {dtype} with {'int8' if int8 else 'float'} weights on this CPU"
+    return ""
+
+
+def describe(why: str) -> str:
+    """What a decode step runs, from :func:`why_not` or :func:`plan_allows`: for reports."""
+    return "one native call (llama/native_step.py)" if not why else f"the model's modules ({why})"
+
+
+def why_not(model: Transformer) -> str:
+    """'' if :class:`NativeStep` can run ``model``'s decode steps, else why not."""
     weight = model.tok_embeddings.weight
     dtype = weight.dtype
     if weight.device.type != "cpu":
         return "not on the CPU"
-    if distributed.model_parallel_world_size() != 1:
-        return "model parallel: the ranks exchange activations between the products"
     if model.cache is None:
         return "no KV cache"
     kernels = {linear_kernels.name_of(layer.kernel) for _, layer in linear_layers(model)}
-    if kernels not in ({"gemv"}, {"int8-gemv"}):
-        return f"its linear layers run {sorted(kernels)}, not all gemv or all int8-gemv"
-    if any(block.attention.decode_attention != "native-attention" for block in model.layers):
-        return "its decode attention is not native-attention"
-    int8 = kernels == {"int8-gemv"}
-    if native.decode_step_entry(dtype, int8) is None:
-        return f"no native decode step for {dtype} with {'int8' if int8 else 'float'} weights on this CPU"
+    int8 = "int8-gemv" in kernels
+    attention = {block.attention.decode_attention for block in model.layers}
+    why = plan_allows(dtype, int8, kernels, attention.pop() if len(attention) == 1 else "mixed",
+                      distributed.model_parallel_world_size())
+    if why:
+        return why
     params = model.params
     # inner sizes: multiples of the products' step; head size: of the attention's (int8: 32, its widest)
     step, head_step = (native.INT8_STEP, 32) if int8 else (native._ENTRIES[dtype].step,) * 2

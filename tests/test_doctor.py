@@ -28,6 +28,7 @@ def test_doctor_prints_every_section(tmp_path, tiny_checkpoint):
         assert shape in out, out
     assert out.count("->") == 3 * 4 + 2  # and the decode attention, for each float dtype
     assert out.count("attention: 4 heads, 4 kv heads of 16") == 2
+    assert out.count("decode step: ") == 3  # one native call, or the model's modules and why, per run
     assert (tmp_path / "kernels.json").exists()
     again = doctor(tmp_path, "--ckpt_dir", str(tiny_checkpoint), "--no-bandwidth", "--dtypes", "float32", "--no-int8")
     assert "not measured" in again and again.count("->") == 4 + 1
@@ -38,4 +39,5 @@ def test_doctor_model_parallel_shapes(tmp_path, tiny_checkpoint):
     out = doctor(tmp_path, "--ckpt_dir", str(tiny_checkpoint), "--model-parallel-size", "2", "--no-bandwidth",
                  "--dtypes", "float32", "--no-int8", "--prefill", "16")
     assert "model parallel 2" in out and "96x64" in out and "64x96" in out and "160x64" in out
+    assert "decode step: the model's modules (model parallel" in out
     assert "== Prefill (16 rows" in out and "GFLOP/s" in out
