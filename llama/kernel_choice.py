@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed, linear_kernels, native, packed_linear
+from . import distributed, linear_kernels, native, native_step, packed_linear
 from .parallel_layers import linear_layers
 
 KERNELS_ENV = "LLAMA_KERNELS"
@@ -597,6 +597,8 @@ class Plan:
     measure_s: float = 0.0
     cpu_share: Optional[float] = None  # of the measurement: CPU time / (wall time x threads); None if nothing was measured
     threads: str = ""
+    # how the eager decode step runs: one native call or the modules, and why (prefer_one_call_step); None: not decided
+    step: Optional[dict] = None
 
     def kernel(self, layout: str, shape: Tuple[int, ...]) -> str:
         return self.choices[(layout, *shape)].kernel
@@ -608,6 +610,7 @@ class Plan:
             "measure_s": round(self.measure_s, 3),
             "cpu_share": None if self.cpu_share is None else round(self.cpu_share, 2),
             "threads": self.threads,
+            "step": self.step,
             "choices": {
                 f"{layout} {'x'.join(map(str, shape))}": {"kernel": c.kernel, "source": c.source, "timings_ms": c.timings_ms}
                 for (layout, *shape), c in self.choices.items()
@@ -729,6 +732,81 @@ def attention_shape(model: nn.Module) -> Optional[Tuple[int, int, int, int]]:
     return (attention.n_local_heads, attention.n_local_kv_heads, attention.head_dim, kv_len)
 
 
+def prefer_one_call_step(
+    plan: Plan,
+    layers: List[Tuple[str, Tuple[int, int]]],
+    n_layers: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    override: Optional[Dict[str, str]] = None,
+    *,
+    world: int = 1,
+    batches: Tuple[int, ...] = DECODE_BATCHES,
+    use_cache: bool = True,
+) -> Plan:
+    """Put every linear layer on our kernel where the whole decode step is then faster as one native
+    call (:mod:`llama.native_step`) than ``plan``'s picks through the model's modules; sets ``plan.step``.
+
+    ``layers``: (layout, local shape) of each linear layer of the model, one entry per layer.
+    Where ``plan`` already has ``gemv`` (or ``int8-gemv``) everywhere and ``native-attention``,
+    the step is one call anyway. Where a shape picked another kernel (e.g. oneDNN-packed
+    bfloat16, faster per call at batch 8), the two ways are compared by measurement: per batch
+    size, the sum of the products' measured times plus the step's overhead for each way
+    (:func:`llama.native_step.step_overheads`, timed once per machine and number of layers,
+    cached), scored as :func:`pick` scores kernels. An override for the layers' layout, model
+    parallel, or an attention other than ``native-attention`` keeps the plan as it is.
+    """
+    override = override or {}
+    kinds = {layout for layout, _ in layers}
+    int8 = kinds == {"int8"}
+    kernel = "int8-gemv" if int8 else "gemv"
+    attention = [c.kernel for (layout, *_), c in plan.choices.items() if layout == "attention"]
+    if device.type != "cpu" or kinds not in ({"float"}, {"int8"}) or not attention:
+        return plan
+    picked = {plan.kernel(layout, shape) for layout, shape in layers}
+    why_not_now = native_step.plan_allows(dtype, int8, picked, attention[0], world)
+    if not why_not_now:
+        plan.step = {"one_call": True, "why": f"every layer picked {kernel}"}
+        return plan
+    if (kinds & set(override)) or native_step.plan_allows(dtype, int8, {kernel}, attention[0], world):
+        plan.step = {"one_call": False, "why": why_not_now}  # not even with our kernel everywhere, or not ours to change
+        return plan
+    timings = [plan.choices[(layout, *shape)].timings_ms for layout, shape in layers]
+    if not all(kernel in t for t in timings):
+        plan.step = {"one_call": False, "why": f"{kernel} was not timed for every shape"}
+        return plan
+    facts = {**decision_facts(dtype, "step", (n_layers, int(int8)), [], False, batches), "native": native.source_key()}
+    key = json.dumps(facts, sort_keys=True)
+    path = cache_path()
+    entry = _load_cache(path).get(key) if use_cache else None
+    if entry and entry.get("facts") == facts:
+        overheads, source = {int(b): tuple(v) for b, v in entry["overhead_ms"].items()}, "cached"
+    else:
+        overheads, source = native_step.step_overheads(n_layers, dtype, int8, batches), "measured"
+        if use_cache:
+            _store(path, {key: {"facts": facts, "overhead_ms": overheads, "when": time.strftime("%Y-%m-%d %H:%M:%S")}})
+
+    def ms(per: Dict, b: int) -> float:  # cached timings have string keys
+        return float(per[b] if b in per else per[str(b)])
+
+    modules = {b: sum(ms(t[plan.kernel(lay, shp)], b) for t, (lay, shp) in zip(timings, layers)) + overheads[b][0] for b in batches}
+    one_call = {b: sum(ms(t[kernel], b) for t in timings) + overheads[b][1] for b in batches}
+    fastest = {b: min(modules[b], one_call[b]) for b in batches}
+    score = {way: sum(est[b] / fastest[b] for b in batches) / len(batches) for way, est in (("modules", modules), ("one_call", one_call))}
+    wins = score["one_call"] < score["modules"]
+    plan.step = {
+        "one_call": wins, "source": source, "overhead_ms": {b: list(v) for b, v in overheads.items()},
+        "estimate_ms": {"modules": {b: round(t, 3) for b, t in modules.items()}, "one_call": {b: round(t, 3) for b, t in one_call.items()}},
+        "why": f"estimated {'faster' if wins else 'slower'} than the picks through the modules",
+    }
+    if wins:
+        for layout, shape in dict.fromkeys(layers):
+            choice = plan.choices[(layout, *shape)]
+            if choice.kernel != kernel:
+                plan.choices[(layout, *shape)] = Choice(kernel, f"{choice.source}, for the one-call step", choice.timings_ms)
+    return plan
+
+
 def plan_for(
     model: nn.Module,
     device: torch.device,
@@ -748,7 +826,12 @@ def plan_for(
     batches = decode_batches(getattr(getattr(model, "params", None), "max_batch_size", None))
     attention = attention_shape(model)
     extra = [("attention", attention)] if attention is not None else []
-    return choose(shapes + extra, device, dtype, override, stream_bytes=nbytes, compile=compile, batches=batches)
+    plan = choose(shapes + extra, device, dtype, override, stream_bytes=nbytes, compile=compile, batches=batches)
+    n_layers = len(getattr(model, "layers", ()))
+    if compile or not n_layers:  # compiled: the step is a graph (or, all ours, one native call anyway)
+        return plan
+    return prefer_one_call_step(plan, shapes, n_layers, torch.device(device), dtype, override,
+                                world=distributed.model_parallel_world_size(), batches=batches)
 
 
 def apply(model: nn.Module, plan: Plan, on_packed=None) -> int:

@@ -17,13 +17,15 @@ C++ rounds where torch rounds, but its sums run in another order.
 
 import ctypes
 import os
+import time
 from typing import List, Optional, Sequence, Set
 
 import torch
 
 from . import distributed, linear_kernels, native
-from .model import Transformer
+from .model import ModelArgs, Transformer
 from .parallel_layers import linear_layers
+from .quantize import quantize_model
 
 ENV = "LLAMA_NATIVE_STEP"
 
@@ -175,3 +177,51 @@ class NativeStep:
         self.entry(ctypes.byref(self._struct), (ctypes.c_int64 * n)(*tokens), (ctypes.c_int64 * n)(*positions[:n]), n,
                    logits.data_ptr(), torch.get_num_threads())
         return logits
+
+
+def step_overheads(n_layers: int, dtype: torch.dtype, int8: bool, batches: Sequence[int], rounds: int = 5,
+                   steps: int = 8) -> dict:
+    """Milliseconds per decode step that are not the products' own, for an ``n_layers`` model at each
+    batch size: ``{b: (through the modules, one native call)}``.
+
+    Timed on a model of ``n_layers`` layers too small for its weights to cost anything (dim 64,
+    one head), with our kernels everywhere: what is left of a step is the cost of running it,
+    torch operators and Python for the modules, the stages' barriers for the one call.
+    :func:`llama.kernel_choice.prefer_one_call_step` adds it to the products' measured times to
+    choose between the two ways. Interleaved rounds, the best of each.
+    """
+    args = ModelArgs(dim=64, n_layers=n_layers, n_heads=1, multiple_of=64, vocab_size=64, max_seq_len=32,
+                     max_batch_size=max(batches))
+    gen = torch.Generator().manual_seed(0)
+    model = Transformer(args, dtype=dtype).requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    if int8:
+        model = quantize_model(model, "int8")
+    for _, layer in linear_layers(model):
+        if int8:
+            layer.set_weight(layer.weight, layer.scales.float(), linear_kernels.int8_gemv)
+        else:
+            layer.set_weight(layer.weight.data, kernel=linear_kernels.gemv)
+    for block in model.layers:
+        block.attention.decode_attention = "native-attention"
+        block.attention_norm.fused = block.ffn_norm.fused = True
+    model.norm.fused = True
+    one_call = NativeStep(model, native.decode_step_entry(dtype, int8))
+    best = {b: [float("inf"), float("inf")] for b in batches}
+    with torch.inference_mode():
+        for round_ in range(rounds + 1):  # round 0 warms up
+            for b in batches:
+                tokens = [1] * b
+                for way in (0, 1):
+                    start = time.perf_counter()
+                    for i in range(steps):
+                        if way == 0:  # what the runner does for rows at one position
+                            t = torch.tensor(tokens)[:, None]
+                            model.decode_step(t, torch.full((b,), i, dtype=torch.long), same_position=i)
+                        else:
+                            one_call(tokens, [i] * b)
+                    if round_:
+                        best[b][way] = min(best[b][way], (time.perf_counter() - start) / steps * 1000)
+    return {b: tuple(round(t, 4) for t in best[b]) for b in batches}

@@ -216,6 +216,9 @@ class ModelRunner:
     def compile(self, warmup_batch_sizes: Sequence[int] = (1,)) -> float:
         """Compile the decode step and warm it up for each batch size; returns the seconds taken.
 
+        Where the eager step is one native call (:meth:`native_decoder`), there is nothing to
+        compile: it stays so (decode steps of more rows than it takes go through the modules).
+
         Where one graph serves every batch size (:func:`_any_batch_size`), the first compile
         tunes its kernels for the largest warm-up size. The warm-up writes position 0 of the
         first rows of the cache: call it while no sequence is in flight (a later prefill
@@ -225,6 +228,10 @@ class ModelRunner:
         for bsz in warmup_batch_sizes:
             if not 1 <= bsz <= self.max_batch_size:
                 raise ValueError(f"warm-up batch size {bsz} is not within 1..max_batch_size={self.max_batch_size}")
+        if self._decode_step is None and self.native_decoder() is not None:
+            # Every piece of the step is one of our kernels, run as one native call: nothing between them
+            # for Inductor to fuse, and a graph would call the same kernels through the dispatcher.
+            return time.time() - start
         if self._decode_step is None:
             tune_for = max(warmup_batch_sizes, default=1)
             self._decode_step, self.any_batch_size = compile_decode_step(self.model, self.device, self.max_batch_size, tune_for)

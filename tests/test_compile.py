@@ -90,10 +90,11 @@ def test_compiled_step_never_recompiles_for_new_lengths(tiny_checkpoint, tiny_to
 def test_frozen_step_is_one_graph_for_every_batch_size(tiny_checkpoint, tiny_tokenizer_path, kernels, monkeypatch):
     # One graph (so one frozen copy of the weights) however many rows decode; freed with its model.
     # With our kernels, the graph calls them as operators (llama::gemv_linear, llama::decode_attention).
-    from llama import kernel_choice, native
+    from llama import kernel_choice, native, native_step
 
     if kernels != "dense,sdpa" and "gemv" not in kernel_choice.candidates(torch.device("cpu"), torch.float32, "float"):
         pytest.skip(f"no native kernels here: {native.unavailable(torch.float32, kernel_choice.cpu_facts()['flags'])}")
+    monkeypatch.setenv(native_step.ENV, "0")  # the graph itself (with it, a model on our kernels everywhere compiles nothing)
     kwargs = dict(max_seq_len=48, max_batch_size=4, device="cpu", kernels=kernels)
     eager = Llama.build(str(tiny_checkpoint), str(tiny_tokenizer_path), **kwargs)
     compiled = Llama.build(str(tiny_checkpoint), str(tiny_tokenizer_path), **kwargs)
@@ -132,3 +133,24 @@ def test_frozen_step_is_one_graph_for_every_batch_size(tiny_checkpoint, tiny_tok
     del compiled
     gc.collect()
     assert ref() is None
+
+
+def test_a_step_that_is_one_native_call_compiles_nothing(tiny_checkpoint, tiny_tokenizer_path, capsys):
+    """Every piece on our kernels: compile() keeps the one-call step (no graph, no warm-up) and says so."""
+    from llama import kernel_choice, native, native_step
+
+    if "gemv" not in kernel_choice.candidates(torch.device("cpu"), torch.float32, "float") or \
+            native.decode_step_entry(torch.float32, False) is None:
+        pytest.skip("no native decode step for float32 here")
+    kwargs = dict(max_seq_len=48, max_batch_size=4, device="cpu", kernels="gemv,native-attention")
+    eager = Llama.build(str(tiny_checkpoint), str(tiny_tokenizer_path), **kwargs)
+    built = Llama.build(str(tiny_checkpoint), str(tiny_tokenizer_path), **kwargs)
+    graphs = counters["stats"]["unique_graphs"]
+    assert built.compile(warmup_batch_sizes=(1, 4)) < 1.0
+    assert "one native call" in capsys.readouterr().out
+    assert not built.runner.compiled and built.runner.native_decoder() is not None
+    prompts = ["the river", "once upon a time a fox"]
+    got = built.text_completion(prompts, temperature=0, max_gen_len=8)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert [r["generation"] for r in got] == [r["generation"] for r in eager.text_completion(prompts, temperature=0, max_gen_len=8)]
+    assert native_step.why_not(built.model) == ""

@@ -407,3 +407,47 @@ def test_every_rank_runs_rank0s_choice(tmp_path, tiny_checkpoint, tiny_tokenizer
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0 == rank1  # the same kernels and plan on both ranks: rank 0's
     assert rank0["kernels"] == ["dense"]
+
+
+# ----------------------------------------------------------------------------- the one-call step
+
+
+def test_the_one_call_step_is_chosen_where_the_overhead_it_saves_outweighs_slower_products(monkeypatch, private_cache):
+    """One shape picked packed (faster per call): the step goes to gemv everywhere, as one native call,
+    where the estimate (products' times plus each way's overhead per step) says so; not otherwise."""
+    from llama import native, native_step
+
+    if native.unavailable(torch.float32, kernel_choice.cpu_facts()["flags"]) or native.decode_step_entry(torch.float32, False) is None:
+        pytest.skip("no native decode step for float32 on this CPU")
+    layers = [("float", (64, 32))] * 6 + [("float", (32, 64))] * 3
+    measured = []
+    monkeypatch.setattr(native_step, "step_overheads", lambda n_layers, dtype, int8, batches: measured.append(n_layers)
+                        or {b: (1.0, 0.05) for b in batches})  # ms per step: through the modules, one call
+
+    def plan_with(gemv_ms, attention="native-attention"):
+        plan = kernel_choice.Plan("float32")
+        plan.choices[("float", 64, 32)] = kernel_choice.Choice("packed", "measured", {"packed": {1: 0.01}, "gemv": {1: gemv_ms}})
+        plan.choices[("float", 32, 64)] = kernel_choice.Choice("gemv", "measured", {"packed": {1: 0.012}, "gemv": {1: 0.01}})
+        plan.choices[("attention", 4, 4, 16, 64)] = kernel_choice.Choice(attention, "measured")
+        return plan
+
+    def prefer(plan, override=None):
+        return kernel_choice.prefer_one_call_step(plan, layers, 3, CPU, torch.float32, override, batches=(1,))
+
+    # gemv 0.02 ms slower on 6 layers: 0.12 ms lost against 0.95 ms of overhead saved
+    plan = prefer(plan_with(0.03))
+    assert plan.step["one_call"] and plan.step["source"] == "measured" and measured == [3]
+    assert {c.kernel for (layout, *_), c in plan.choices.items() if layout == "float"} == {"gemv"}
+    assert plan.choices[("float", 64, 32)].source == "measured, for the one-call step"
+    assert plan.step["estimate_ms"]["one_call"][1] < plan.step["estimate_ms"]["modules"][1]
+    # 0.5 ms slower on 6 layers: 2.9 ms lost; the overheads come from the cache now
+    plan = prefer(plan_with(0.5))
+    assert not plan.step["one_call"] and plan.step["source"] == "cached" and measured == [3]
+    assert plan.kernel("float", (64, 32)) == "packed"
+    # not ours to change: an override for the linear layers, or torch's attention
+    for plan in (prefer(plan_with(0.03), {"float": "packed"}), prefer(plan_with(0.03, "sdpa"))):
+        assert not plan.step["one_call"] and plan.kernel("float", (64, 32)) == "packed" and measured == [3]
+    # already every layer on gemv
+    plan = plan_with(0.03)
+    plan.choices[("float", 64, 32)].kernel = "gemv"
+    assert prefer(plan).step == {"one_call": True, "why": "every layer picked gemv"}
