@@ -272,7 +272,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    from llama import Llama
+    from llama import Llama, native_step
     from llama.checkpoint import checkpoint_format
     from llama.convert import convert_to_hf
     from llama.tokenizer import Tokenizer
@@ -320,6 +320,10 @@ def main(argv=None) -> int:
             prompt = [1] + torch.randint(3, vocab, (args.prompt_len - 1,), generator=torch.Generator().manual_seed(1)).tolist()
             times: Dict[str, Dict[str, list]] = {name: {"t1": [], "tn": []} for name in runners}
             pair = result["pairs"][t] = {"gguf": gguf_name, "ours": {"dtype": dtype, "quantize": quantize}, "rows": {}}
+            if built is not None:  # what ours ran: its kernels, and whether the step was one native call
+                plan = getattr(built.model, "kernel_plan", None)
+                pair["ours"]["kernels"] = None if plan is None else plan.summary()
+                pair["ours"]["decode_step"] = native_step.describe(native_step.why_not(built.model))
 
             def once(name, n):
                 runner = runners[name]
