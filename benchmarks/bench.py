@@ -659,11 +659,13 @@ def main(argv=None) -> int:
             _sync(device)
         def ours_notes(built, name: str) -> dict:
             plan = getattr(built.model, "kernel_plan", None)
-            compiled = name in compile_s
-            # eager CPU decode: one native call per step (llama/native_step.py), or the model's modules and why
-            step = "compiled" if compiled else native_step.describe(native_step.why_not(built.model))
-            return {"kv_cache": "static (preallocated)", "compiled": compiled, "packed_weights": is_packed(built.model),
-                    "kernels": plan.as_dict() if plan is not None else None, "decode_step": step}
+            # compile() makes a graph, or keeps a step that is one native call (llama/native_step.py); eager:
+            # that call, or the model's modules and why
+            compiled = getattr(getattr(built, "runner", None), "compiled", name in compile_s)
+            step = "a compiled graph" if compiled else native_step.describe(native_step.why_not(built.model))
+            return {"kv_cache": "static (preallocated)", "compiled": compiled, "compile_called": name in compile_s,
+                    "packed_weights": is_packed(built.model), "kernels": plan.as_dict() if plan is not None else None,
+                    "decode_step": step}
 
         impls.append(Impl("ours", ours_generate(llama), weight_bytes(llama.model), ours_notes(llama, "ours")))
         for name, built in variants.items():
