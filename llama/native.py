@@ -8,7 +8,12 @@
 - :func:`decode_attention` (``attention.cpp``): one new token per cache row attending
   over that row's cached keys and values, each read once, in float32;
 - :func:`rms_norm` and :func:`rope` (``norm_rope.cpp``): the model's RMSNorm and RoPE for
-  decode rows in one call each.
+  decode rows in one call each;
+- :func:`decode_step_entry` (``decode_step.cpp``): a whole decode step of a model whose every
+  piece runs the kernels above, in one call (bound to a model by :mod:`llama.native_step`).
+
+The loops live in headers (``gemv.h``, ``attention.h``, ``norm_rope.h``) shared by the
+per-operator entry points and the whole step.
 
 The sources say why each exists. The first three are candidates that
 :mod:`llama.kernel_choice` times on each machine against torch's (``"gemv"``,

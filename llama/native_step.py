@@ -123,6 +123,7 @@ class NativeStep:
         self.int8 = linear_kernels.name_of(model.output.kernel) == "int8-gemv"
         self.vocab, self.max_seq_len, self.rows = params.vocab_size, cache.max_seq_len, min(cache.max_batch_size, native.MAX_ROWS)
         self.plan = getattr(model, "kernel_plan", None)
+        self._spots = self._spot_check(model)
         self._keep: List[torch.Tensor] = []  # every tensor whose address the structs hold
 
         def ptr(t: Optional[torch.Tensor]) -> Optional[int]:
@@ -159,9 +160,19 @@ class NativeStep:
         return cls(model, native.decode_step_entry(model.tok_embeddings.weight.dtype, int8))
 
     def current(self, model: Transformer) -> bool:
-        """Whether this step still reads ``model`` as it is: the same cache and the same kernel plan
-        (:func:`llama.kernel_choice.apply` of a new plan may change the weights' layouts)."""
-        return model is self.model and model.cache is self.cache and getattr(model, "kernel_plan", None) is self.plan
+        """Whether this step still reads ``model`` as it is: the same cache, the same kernel plan
+        (:func:`llama.kernel_choice.apply` of a new plan may change the weights' layouts) and, spot
+        checked, the same weight tensors (``load_state_dict(..., assign=True)`` replaces them all)."""
+        return (
+            model is self.model and model.cache is self.cache and getattr(model, "kernel_plan", None) is self.plan
+            and self._spots == self._spot_check(model)
+        )
+
+    @staticmethod
+    def _spot_check(model: Transformer) -> tuple:
+        first, last = model.layers[0], model.layers[-1]
+        return tuple(t.data_ptr() for t in (model.tok_embeddings.weight, model.output.weight,
+                                             first.attention.wq.weight, last.feed_forward.w2.weight))
 
     def __call__(self, tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
         """Float32 logits (len(tokens), vocab) for one token per cache row ``0..len(tokens)-1``,

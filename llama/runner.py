@@ -206,9 +206,10 @@ class ModelRunner:
     def native_decoder(self) -> Optional[native_step.NativeStep]:
         """The eager decode step in one native call (:mod:`llama.native_step`) where the model can
         take it (:func:`llama.native_step.why_not`), else None; made again when the model's kernel
-        plan or cache changes."""
+        plan, cache or weight tensors change."""
         wanted = (getattr(self.model, "kernel_plan", None), self.model.cache)
-        if self._native_for is None or any(a is not b for a, b in zip(wanted, self._native_for)):
+        stale = self._native is not None and not self._native.current(self.model)
+        if stale or self._native_for is None or any(a is not b for a, b in zip(wanted, self._native_for)):
             self._native_for = wanted
             self._native = native_step.NativeStep.for_model(self.model)
         return self._native

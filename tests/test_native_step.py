@@ -127,6 +127,22 @@ def test_why_not_names_the_reason(monkeypatch):
     assert "not native-attention" in native_step.why_not(model)
 
 
+def test_new_weight_tensors_make_a_new_step():
+    """load_state_dict(assign=True) replaces the tensors: the runner binds the step to the new ones
+    (else it would decode with the old weights it still holds)."""
+    model = make_model(torch.float32)
+    runner = ModelRunner(model, 4, 48)
+    step = runner.native_decoder()
+    assert step is not None and runner.native_decoder() is step
+    state = {k: v.clone() * 2 for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    assert runner.native_decoder() is not step
+    with torch.inference_mode():
+        want = model.decode_step(torch.tensor([[3]]), torch.tensor([0]), same_position=0)
+    got = runner.decode([3], [0])
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
 def test_bad_rows_tokens_and_positions_are_errors_not_reads_out_of_bounds():
     model = make_model(torch.float32, max_batch_size=2)
     step = native_step.NativeStep.for_model(model)
