@@ -13,6 +13,16 @@ from llama.quantize import quantize_model
 from llama.runner import ModelRunner
 
 FLAGS = kernel_choice.cpu_facts()["flags"]
+# each instruction set's flags alone, so that its entry points are the ones called (as tests/test_native.py)
+ISA_FLAGS = {isa: needs for isa, (_, needs, _) in native.ISAS.items() if all(f in FLAGS for f in needs)}
+ISA_CASES = [(dtype, isa, False) for isa in ISA_FLAGS for dtype in native.ISAS[isa][2]] + [
+    (dtype, isa, True) for isa in ISA_FLAGS for dtype in native.INT8_STEP_ENTRIES.get(isa, {})]
+
+
+@pytest.fixture(autouse=True)
+def back_to_this_cpu():
+    yield
+    native._library(FLAGS)  # later tests call the kernels of this CPU's best instruction sets
 DTYPES = [torch.float32, torch.bfloat16]
 # max |logits difference| relative to the largest logit: float32 sums in another order; bfloat16
 # rounds where torch rounds, so it differs where a sum lands next to a rounding boundary; int8
@@ -156,3 +166,21 @@ def test_bad_rows_tokens_and_positions_are_errors_not_reads_out_of_bounds():
         step([1], [48])
     with pytest.raises(ValueError, match="a position each"):
         step([1, 2], [0])
+
+
+@pytest.mark.skipif(not ISA_CASES, reason=f"this CPU ({kernel_choice.describe_cpu()}) has no instruction set the kernels use")
+@pytest.mark.parametrize("dtype,isa,int8", ISA_CASES, ids=lambda v: str(v).removeprefix("torch."))
+def test_every_instruction_sets_step_equals_the_models(dtype, isa, int8):
+    """Each instruction set's whole step (an AVX2-only CPU runs the AVX2 one), against the model's modules."""
+    model = make_model(dtype, int8)
+    prefill_rows(model, [9, 4])
+    before = cache_copy(model)
+    native._library(ISA_FLAGS[isa])  # from here on, this set's kernels only (the modules' too)
+    entry = native.decode_step_entry(dtype, int8)
+    suffix = native.INT8_STEP_ENTRIES[isa][dtype] if int8 else "llama_decode_step_" + native.ISAS[isa][2][dtype][0]
+    assert entry is not None and entry.__name__ == suffix
+    with torch.inference_mode():
+        want = model.decode_step(torch.tensor([[5], [6]]), torch.tensor([9, 4]), kv_len=10)
+    restore(model, before)
+    got = native_step.NativeStep(model, entry)([5, 6], [9, 4])
+    assert ((got - want).abs().max() / want.abs().max()).item() < TOLERANCE[dtype, int8]
