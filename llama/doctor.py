@@ -144,8 +144,19 @@ def report(
             for kernel, per in choice.timings_ms.items():
                 cells = "   ".join(f"b{b}: {float(t):8.3f} ms" for b, t in sorted(per.items(), key=lambda kv: int(kv[0])))
                 print(f"        {kernel:<16} {cells}")
-        picked = {plan.choices[(layout, *shape)].kernel for _, shape in shapes}
-        print(f"  decode step: {native_step.describe(native_step.plan_allows(dtype, layout == 'int8', picked, attention.get(dtype), world))}")
+        # as Llama.build decides it: the picks above, or our kernels everywhere where the one-call step wins
+        attention_key = ("attention", args.n_heads // world, max(1, args.kv_heads // world), args.head_dim, kernel_choice.ATTENTION_KV_LEN)
+        plan.choices[attention_key] = kernel_choice.Choice(attention[dtype], "above")
+        per_layer = [(layout, shape) for names, shape in shapes for name in names.split()
+                     for _ in range(1 if name == "output" else args.n_layers)]
+        kernel_choice.prefer_one_call_step(plan, per_layer, args.n_layers, torch.device("cpu"), dtype, world=world)
+        step = plan.step or {"one_call": False, "why": "not decided"}
+        moved = [f"{shape[0]}x{shape[1]}" for _, shape in shapes if plan.choices[(layout, *shape)].source.endswith("one-call step")]
+        estimate = step.get("estimate_ms")
+        print(f"  decode step: {native_step.describe('' if step['one_call'] else step['why'])}"
+              + (f"; {', '.join(moved)} put on {plan.kernel(layout, shapes[0][1])} for it" if moved else "")
+              + ("" if not estimate else "; estimated ms per step, modules / one call: " + ", ".join(
+                  f"b{b} {estimate['modules'][b]:.2f} / {estimate['one_call'][b]:.2f}" for b in estimate["modules"])))
     if prefill:
         _section(f"Prefill ({prefill} rows: compute-bound; each kernel on the largest per-layer shape, not cached)")
         names, shape = max(shapes[:-1], key=lambda item: item[1][0] * item[1][1])  # the output layer aside
@@ -176,7 +187,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if a.ckpt_dir:
         from .checkpoint import open_checkpoint
 
-        checkpoint = open_checkpoint(a.ckpt_dir)  # memory-mapped: reads params and the embedding's shape only
+        try:
+            checkpoint = open_checkpoint(a.ckpt_dir)  # memory-mapped: reads params and the embedding's shape only
+        except (FileNotFoundError, ValueError) as e:
+            p.error(f"--ckpt_dir: {e}")
         args, label = checkpoint.args, str(a.ckpt_dir)
         checkpoint.close()
     else:

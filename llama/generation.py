@@ -220,9 +220,13 @@ class Llama:
             raise RuntimeError("compile() while requests are in flight: finish or abort them first")
         seconds = self.runner.compile(warmup_batch_sizes)
         if distributed.is_main_process():
-            if self.runner.compiled:
+            native = self.runner.native_decoder() if self.runner.device.type == "cpu" else None
+            if native is None:
                 print(f"Compiled the decode step in {seconds:.1f} seconds")
-            else:  # every piece runs our kernels: the step is one native call already (llama.native_step)
+            elif self.runner.compiled:  # a graph for the batch sizes past the one-call step's rows
+                print(f"The decode step is one native call (llama/native_step.py) for up to {native.rows} rows; "
+                      f"compiled it for more in {seconds:.1f} seconds")
+            else:  # every piece runs our kernels: the step is one native call already
                 print("The decode step is one native call (llama/native_step.py): nothing to compile")
         return seconds
 

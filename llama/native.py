@@ -84,6 +84,7 @@ INT8_STEP_ENTRIES = {"avx512vnni": {torch.float32: "llama_decode_step_i8_f32_avx
                                     torch.bfloat16: "llama_decode_step_i8_bf16_avx512vnni"}}
 INT8_STEP = 64  # the inner size must be a multiple of this
 MAX_ROWS = 16  # more rows than this (prefill) go to torch: there the product is compute-bound and oneDNN/MKL block for it
+MAX_STEP_ROWS = 16  # rows (cache rows, one token each) of a whole decode step: decode_step.cpp's MAX_STEP_ROWS
 _LINEAR_ARGS = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]  # x, w, y, M, N, K, threads
 # x, ws, ys, Ns, count, M, K, threads
 _LINEAR_MANY_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int] + [ctypes.c_int64] * 2 + [ctypes.c_int]
@@ -255,7 +256,7 @@ def _step_entry(lib: ctypes.CDLL, name: str) -> Optional[Callable]:
     if not hasattr(lib, name):
         return None
     entry = getattr(lib, name)
-    entry.argtypes, entry.restype = _STEP_ARGS, None
+    entry.argtypes, entry.restype = _STEP_ARGS, ctypes.c_int  # 0, or 1 for a number of rows it does not take
     return entry
 
 

@@ -187,14 +187,14 @@ class ModelRunner:
         position, written again before it is read). Returns float32 logits (len(tokens), vocab).
         """
         n = len(tokens)
+        step = self.native_decoder() if self.device.type == "cpu" else None
+        if step is not None and n <= step.rows:  # the whole step in one native call (compiled or not)
+            return step(tokens, positions)
         size = self.step_batch_size(n)
         padded = list(tokens) + [0] * (size - n)
         t = torch.tensor(padded, dtype=torch.long)[:, None].to(self.device, non_blocking=True)  # (size, 1)
         pos = torch.tensor(positions[:size], dtype=torch.long).to(self.device, non_blocking=True)
         if self._decode_step is None:
-            step = self.native_decoder()
-            if step is not None and n <= step.rows:
-                return step(tokens, positions)
             first = positions[0]
             if all(p == first for p in positions[:size]):  # the common case: a slice write, no mask
                 return self.model.decode_step(t, pos, same_position=first)
@@ -217,8 +217,10 @@ class ModelRunner:
     def compile(self, warmup_batch_sizes: Sequence[int] = (1,)) -> float:
         """Compile the decode step and warm it up for each batch size; returns the seconds taken.
 
-        Where the eager step is one native call (:meth:`native_decoder`), there is nothing to
-        compile: it stays so (decode steps of more rows than it takes go through the modules).
+        Where the eager step is one native call (:meth:`native_decoder`), steps of up to its rows
+        stay so: there is nothing between our kernels for Inductor to fuse, and a graph would call
+        them through the dispatcher. A graph is compiled only for a cache of more rows than that,
+        and serves (and is warmed up for) the larger batch sizes.
 
         Where one graph serves every batch size (:func:`_any_batch_size`), the first compile
         tunes its kernels for the largest warm-up size. The warm-up writes position 0 of the
@@ -229,10 +231,11 @@ class ModelRunner:
         for bsz in warmup_batch_sizes:
             if not 1 <= bsz <= self.max_batch_size:
                 raise ValueError(f"warm-up batch size {bsz} is not within 1..max_batch_size={self.max_batch_size}")
-        if self._decode_step is None and self.native_decoder() is not None:
-            # Every piece of the step is one of our kernels, run as one native call: nothing between them
-            # for Inductor to fuse, and a graph would call the same kernels through the dispatcher.
-            return time.time() - start
+        native = self.native_decoder() if self.device.type == "cpu" else None
+        if native is not None:
+            if self.max_batch_size <= native.rows:
+                return time.time() - start
+            warmup_batch_sizes = [bsz for bsz in warmup_batch_sizes if bsz > native.rows]
         if self._decode_step is None:
             tune_for = max(warmup_batch_sizes, default=1)
             self._decode_step, self.any_batch_size = compile_decode_step(self.model, self.device, self.max_batch_size, tune_for)

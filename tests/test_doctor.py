@@ -41,3 +41,9 @@ def test_doctor_model_parallel_shapes(tmp_path, tiny_checkpoint):
     assert "model parallel 2" in out and "96x64" in out and "64x96" in out and "160x64" in out
     assert "decode step: the model's modules (model parallel" in out
     assert "== Prefill (16 rows" in out and "GFLOP/s" in out
+
+
+def test_doctor_says_what_is_wrong_with_a_checkpoint_dir(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "llama.doctor", "--ckpt_dir", str(tmp_path / "missing"), "--no-bandwidth"],
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 2 and "--ckpt_dir: checkpoint directory" in result.stderr and "Traceback" not in result.stderr

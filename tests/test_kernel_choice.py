@@ -422,13 +422,13 @@ def test_the_one_call_step_is_chosen_where_the_overhead_it_saves_outweighs_slowe
     layers = [("float", (64, 32))] * 6 + [("float", (32, 64))] * 3
     measured = []
     monkeypatch.setattr(native_step, "step_overheads", lambda n_layers, dtype, int8, batches: measured.append(n_layers)
-                        or {b: (1.0, 0.05) for b in batches})  # ms per step: through the modules, one call
+                        or ({b: (1.0, 0.05) for b in batches}, 1.0))  # ms per step: through the modules, one call; CPU share
 
     def plan_with(gemv_ms, attention="native-attention"):
         plan = kernel_choice.Plan("float32")
         plan.choices[("float", 64, 32)] = kernel_choice.Choice("packed", "measured", {"packed": {1: 0.01}, "gemv": {1: gemv_ms}})
         plan.choices[("float", 32, 64)] = kernel_choice.Choice("gemv", "measured", {"packed": {1: 0.012}, "gemv": {1: 0.01}})
-        plan.choices[("attention", 4, 4, 16, 64)] = kernel_choice.Choice(attention, "measured")
+        plan.choices[("attention", 4, 4, 32, 64)] = kernel_choice.Choice(attention, "measured")
         return plan
 
     def prefer(plan, override=None):
@@ -447,6 +447,14 @@ def test_the_one_call_step_is_chosen_where_the_overhead_it_saves_outweighs_slowe
     # not ours to change: an override for the linear layers, or torch's attention
     for plan in (prefer(plan_with(0.03), {"float": "packed"}), prefer(plan_with(0.03, "sdpa"))):
         assert not plan.step["one_call"] and plan.kernel("float", (64, 32)) == "packed" and measured == [3]
+    # a measurement while other work took the cores is used, not cached
+    private_cache.unlink()
+    monkeypatch.setattr(native_step, "step_overheads", lambda n_layers, dtype, int8, batches: measured.append(n_layers)
+                        or ({b: (1.0, 0.05) for b in batches}, 0.4))
+    for _ in range(2):
+        plan = prefer(plan_with(0.03))
+        assert plan.step["one_call"] and "not cached" in plan.step["source"]
+    assert measured == [3, 3, 3]
     # already every layer on gemv
     plan = plan_with(0.03)
     plan.choices[("float", 64, 32)].kernel = "gemv"

@@ -184,3 +184,32 @@ def test_every_instruction_sets_step_equals_the_models(dtype, isa, int8):
     restore(model, before)
     got = native_step.NativeStep(model, entry)([5, 6], [9, 4])
     assert ((got - want).abs().max() / want.abs().max()).item() < TOLERANCE[dtype, int8]
+
+
+def test_what_the_step_cannot_read_safely_is_refused():
+    """A cache of another dtype or layout, or RoPE tables shorter than the cache: the modules take the model."""
+    from llama.model import KVCache
+
+    model = make_model(torch.float32)
+    assert native_step.why_not(model) == ""
+    model.cache = KVCache(model.params, 4, 48, "cpu", torch.bfloat16)
+    assert "cache_k is torch.bfloat16" in native_step.why_not(model)
+    model.cache = KVCache(model.params, 4, 64, "cpu", torch.float32)  # more positions than the RoPE tables (48)
+    assert "RoPE tables do not cover" in native_step.why_not(model)
+    model.cache = KVCache(model.params, 4, 48, "cpu", torch.float32)
+    model.layers[1].attention.wq.weight.data = model.layers[1].attention.wq.weight.data.t().contiguous().t()
+    assert "layer 1 wq is not a contiguous" in native_step.why_not(model)
+
+
+def test_a_moved_weight_makes_a_new_step():
+    """Assigning a parameter's .data frees the old storage the step was bound to (were it not kept) and
+    moves the weight: the runner notices and binds anew."""
+    model = make_model(torch.float32)
+    runner = ModelRunner(model, 4, 48)
+    step = runner.native_decoder()
+    wq = model.layers[1].attention.wq.weight
+    wq.data = wq.data * 3
+    assert runner.native_decoder() is not step
+    with torch.inference_mode():
+        want = model.decode_step(torch.tensor([[3]]), torch.tensor([0]), same_position=0)
+    assert ((runner.decode([3], [0]) - want).abs().max() / want.abs().max()).item() < 1e-5

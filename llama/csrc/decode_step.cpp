@@ -3,7 +3,7 @@
 //
 // Why: at batch 1 the step's matrix products (gemv.h) read the weights at memory speed, and
 // what is left is the cost of running the step as some 300 torch operators a layer's worth of
-// Python at a time: on the 110m shape (Zen 5 EPYC, bfloat16) about 2.5 ms of an 8 ms step, each
+// Python at a time: on the 110m shape (Zen 5 EPYC, bfloat16) about 2 ms of a 7-7.6 ms step, each
 // operator a few microseconds of dispatch and a parallel region of its own for a few kilobytes
 // of work. Here the step is one parallel region; the threads meet at a barrier after each
 // stage (7 per layer), and every stage shares its work among them.
@@ -50,7 +50,7 @@ struct StepModel {  // mirrored by llama/native_step.py
 
 namespace {
 
-constexpr int64_t MAX_STEP_ROWS = 16;  // rows (tokens) per step: llama.native.MAX_ROWS
+constexpr int64_t MAX_STEP_ROWS = 16;  // rows (tokens) per step: llama.native.MAX_STEP_ROWS
 
 // How a stage's product reads its weights: dense ones in the activations' dtype...
 template <class Op, int R2, int MT>
@@ -67,8 +67,8 @@ struct FloatWeights {
 };
 
 #if defined(LLAMA_ISA_AVX512VNNI)
-// ... or int8 with per-row scales: each thread quantizes the stage's input for itself (a few
-// kilobytes; cheaper than another barrier)
+// ... or int8 with per-row scales: each thread quantizes the stage's input for itself (M rows of
+// dim or hidden values, 768 to 176K at M = 16: at decode sizes cheaper than another barrier)
 template <class Op>
 struct Int8Weights {
   using T = typename Op::T;
@@ -177,7 +177,9 @@ void decode_step(const StepModel &md, const int64_t *tokens, const int64_t *posi
 
 }  // namespace
 
-// The entry points (ctypes): tokens, positions (M,) int64, M <= MAX_STEP_ROWS; logits (M, vocab) float32.
+// The entry points (ctypes): tokens, positions (M,) int64; logits (M, vocab) float32. Each returns 0,
+// or 1 (having done nothing) for M outside 1..MAX_STEP_ROWS. Tokens must be ids of the vocabulary
+// and positions below max_seq_len: llama/native_step.py checks them.
 #if defined(LLAMA_ISA_AVX512)
 using F32Avx512Float = FloatWeights<F32Avx512, 8, 2>;
 #endif
@@ -190,9 +192,11 @@ using Bf16Avx2Float = FloatWeights<Bf16Avx2, 4, 2>;
 #endif
 
 #define LLAMA_STEP_ENTRY(name, Op, W)                                                                                  \
-  void name(const StepModel *model, const int64_t *tokens, const int64_t *positions, int64_t M, float *logits,          \
-            int threads) {                                                                                              \
+  int name(const StepModel *model, const int64_t *tokens, const int64_t *positions, int64_t M, float *logits,           \
+           int threads) {                                                                                               \
+    if (M < 1 || M > MAX_STEP_ROWS) return 1;                                                                           \
     decode_step<Op, W>(*model, tokens, positions, M, logits, threads);                                                  \
+    return 0;                                                                                                           \
   }
 
 extern "C" {

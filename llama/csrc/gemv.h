@@ -96,14 +96,6 @@ __attribute__((always_inline)) inline void tile_rows(const typename Op::T *x, co
 
 inline int64_t tiles_of(int64_t N) { return (N + kTileRows - 1) / kTileRows; }
 
-// Inside a parallel region: x @ w.T for every row of x, the tiles shared among the threads
-// (no barrier at the end: the caller's)
-template <class Op, int R2, int MT, class Out>
-inline void linear_shared(const typename Op::T *x, const typename Op::T *w, int64_t M, int64_t N, int64_t K, Out &&out) {
-#pragma omp for schedule(static) nowait
-  for (int64_t t = 0; t < tiles_of(N); t++) tile_rows<Op, R2, MT>(x, w, M, N, K, t, out);
-}
-
 // y_i = x @ w_i.T for `count` weights (N_i, K) that read the same x: one parallel region over all
 // their row tiles (a layer's q, k and v projections, or w1 and w3), so the weights stream back to
 // back and the threads meet once.

@@ -146,9 +146,7 @@ struct Bf16Avx512 : Lanes512 {  // bfloat16 with AVX512-BF16: 32 products (pairs
   static constexpr int kStep = 32;
   static X load_x(const T *x) { return (__m512bh)_mm512_loadu_si512(x); }
   static Acc madd(Acc a, X x, const T *w) { return _mm512_dpbf16_ps(a, x, (__m512bh)_mm512_loadu_si512(w)); }
-  static Acc widen(const T *p) {  // bfloat16 -> float32 is a 16-bit shift
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-  }
+  static Acc widen(const T *p) { return bf16x16(p); }
   static void store(T *p, Acc a) { _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(a)); }
 };
 #endif
