@@ -154,3 +154,32 @@ def test_a_step_that_is_one_native_call_compiles_nothing(tiny_checkpoint, tiny_t
     assert counters["stats"]["unique_graphs"] == graphs
     assert [r["generation"] for r in got] == [r["generation"] for r in eager.text_completion(prompts, temperature=0, max_gen_len=8)]
     assert native_step.why_not(built.model) == ""
+
+
+def test_past_the_one_call_steps_rows_a_graph_takes_the_larger_batches(tiny_checkpoint, tiny_tokenizer_path, monkeypatch):
+    """A cache of 18 rows: steps of up to 16 rows stay one native call, 17 and 18 run the compiled graph."""
+    from llama import kernel_choice, native, native_step
+
+    if "gemv" not in kernel_choice.candidates(torch.device("cpu"), torch.float32, "float") or \
+            native.decode_step_entry(torch.float32, False) is None:
+        pytest.skip("no native decode step for float32 here")
+    kwargs = dict(max_seq_len=32, max_batch_size=18, device="cpu", kernels="gemv,native-attention")
+    eager = Llama.build(str(tiny_checkpoint), str(tiny_tokenizer_path), **kwargs)
+    built = Llama.build(str(tiny_checkpoint), str(tiny_tokenizer_path), **kwargs)
+    built.compile(warmup_batch_sizes=(1, 18))
+    assert built.runner.compiled and built.runner.native_decoder() is not None
+    assert built.runner.compiled_batch_sizes == [18]  # not 1: one row is the one-call step's
+    calls = {"one call": 0}
+    real_call = native_step.NativeStep.__call__
+
+    def counted(self, tokens, positions):
+        calls["one call"] += 1
+        return real_call(self, tokens, positions)
+
+    monkeypatch.setattr(native_step.NativeStep, "__call__", counted)
+    prompts = [f"the river {i}" for i in range(18)]
+    got = built.text_completion(prompts, temperature=0, max_gen_len=4)
+    assert calls["one call"] == 0  # 18 rows decoding together: the graph
+    assert [r["generation"] for r in got] == [r["generation"] for r in eager.text_completion(prompts, temperature=0, max_gen_len=4)]
+    built.text_completion(prompts[:2], temperature=0, max_gen_len=4)
+    assert calls["one call"] > 0
