@@ -135,16 +135,22 @@ def test_frozen_step_is_one_graph_for_every_batch_size(tiny_checkpoint, tiny_tok
     assert ref() is None
 
 
-def test_a_step_that_is_one_native_call_compiles_nothing(tiny_checkpoint, tiny_tokenizer_path, capsys):
-    """Every piece on our kernels: compile() keeps the one-call step (no graph, no warm-up) and says so."""
-    from llama import kernel_choice, native, native_step
+def two_on_our_kernels(tiny_checkpoint, tiny_tokenizer_path, max_seq_len: int, max_batch_size: int):
+    """Two builds of the tiny model with our kernels everywhere (the one-call step's), or a skip."""
+    from llama import kernel_choice, native
 
     if "gemv" not in kernel_choice.candidates(torch.device("cpu"), torch.float32, "float") or \
             native.decode_step_entry(torch.float32, False) is None:
         pytest.skip("no native decode step for float32 here")
-    kwargs = dict(max_seq_len=48, max_batch_size=4, device="cpu", kernels="gemv,native-attention")
-    eager = Llama.build(str(tiny_checkpoint), str(tiny_tokenizer_path), **kwargs)
-    built = Llama.build(str(tiny_checkpoint), str(tiny_tokenizer_path), **kwargs)
+    kwargs = dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size, device="cpu", kernels="gemv,native-attention")
+    return tuple(Llama.build(str(tiny_checkpoint), str(tiny_tokenizer_path), **kwargs) for _ in range(2))
+
+
+def test_a_step_that_is_one_native_call_compiles_nothing(tiny_checkpoint, tiny_tokenizer_path, capsys):
+    """Every piece on our kernels: compile() keeps the one-call step (no graph, no warm-up) and says so."""
+    from llama import native_step
+
+    eager, built = two_on_our_kernels(tiny_checkpoint, tiny_tokenizer_path, 48, 4)
     graphs = counters["stats"]["unique_graphs"]
     assert built.compile(warmup_batch_sizes=(1, 4)) < 1.0
     assert "one native call" in capsys.readouterr().out
@@ -158,14 +164,9 @@ def test_a_step_that_is_one_native_call_compiles_nothing(tiny_checkpoint, tiny_t
 
 def test_past_the_one_call_steps_rows_a_graph_takes_the_larger_batches(tiny_checkpoint, tiny_tokenizer_path, monkeypatch):
     """A cache of 18 rows: steps of up to 16 rows stay one native call, 17 and 18 run the compiled graph."""
-    from llama import kernel_choice, native, native_step
+    from llama import native_step
 
-    if "gemv" not in kernel_choice.candidates(torch.device("cpu"), torch.float32, "float") or \
-            native.decode_step_entry(torch.float32, False) is None:
-        pytest.skip("no native decode step for float32 here")
-    kwargs = dict(max_seq_len=32, max_batch_size=18, device="cpu", kernels="gemv,native-attention")
-    eager = Llama.build(str(tiny_checkpoint), str(tiny_tokenizer_path), **kwargs)
-    built = Llama.build(str(tiny_checkpoint), str(tiny_tokenizer_path), **kwargs)
+    eager, built = two_on_our_kernels(tiny_checkpoint, tiny_tokenizer_path, 32, 18)
     built.compile(warmup_batch_sizes=(1, 18))
     assert built.runner.compiled and built.runner.native_decoder() is not None
     assert built.runner.compiled_batch_sizes == [18]  # not 1: one row is the one-call step's
