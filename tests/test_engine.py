@@ -49,6 +49,29 @@ def test_mixed_lengths_greedy_equals_transformers(name, packed):
         assert out == hf_greedy(theirs, prompt, len(out)), len(prompt)
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_the_one_call_step_through_the_engine_equals_transformers(name):
+    """The same load with our kernels everywhere, so that every decode step is one native call
+    (llama/native_step.py): slots reused, rows at their own positions, prefill chunks between steps."""
+    from llama import kernel_choice, native_step
+
+    cpu = torch.device("cpu")
+    if "gemv" not in kernel_choice.candidates(cpu, torch.float32, "float"):
+        pytest.skip("no native kernels on this machine")
+    args, ours, theirs = build_pair(name, max_seq_len=96, max_batch_size=3)
+    kernel_choice.apply(ours, kernel_choice.plan_for(ours, cpu, torch.float32, kernel_choice.parse_override("gemv,native-attention")))
+    if native_step.why_not(ours):
+        pytest.skip(f"no one-call step: {native_step.why_not(ours)}")
+    llama = Llama(ours, NoEosTokenizer())
+    llama.engine.prefill_chunk_tokens = 16
+    prompts = random_prompts([1, 90, 7, 33, 20, 64], args.vocab_size)
+    got, _ = llama.generate(prompts, max_gen_len=14, temperature=0)
+    assert llama.runner.native_decoder() is not None
+    for prompt, out in zip(prompts, got):
+        assert len(out) == min(14, 96 - len(prompt))
+        assert out == hf_greedy(theirs, prompt, len(out)), len(prompt)
+
+
 def test_decode_rows_at_different_positions_equal_full_forwards():
     # The logits of one decode step over rows at different positions, against a full
     # forward of each sequence alone (GQA: the folded-heads attention with a mask).
