@@ -22,7 +22,7 @@ it runs offline (``HF_HUB_OFFLINE=1``) from the converted directory.
 Everything is bounded: at most ``--timeout`` seconds per phase (a request still running
 then counts as lost) and a fixed number of requests. Nothing leaves the machine.
 
-    python benchmarks/serve.py --shape 110m --threads 2 --peer --out benchmarks/results/serve_cpu_110m.json
+    python benchmarks/serve.py --shape 110m --threads 2 --peer --out benchmarks/results/serve_cpu_110m_epyc-zen5.json
     python benchmarks/serve.py --shape tiny --clients 1,4 --requests-per-client 2   # smoke test
 
 The last line of stdout is the result as one JSON object.
