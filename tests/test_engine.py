@@ -286,3 +286,32 @@ def test_run_loop_serves_requests_added_from_another_thread(llama):
     loop.join(timeout=30)
     assert not loop.is_alive()
     assert [seen[r.request_id] for r in requests] == want
+
+
+def test_steps_move_between_the_one_call_and_the_modules_as_rows_come_and_go(tiny_checkpoint, tiny_tokenizer_path, monkeypatch):
+    """18 slots: while more than 16 rows decode the modules run the step, then the one call does, in
+    the middle of the same generations; the tokens are those of the modules alone."""
+    from llama import kernel_choice, native, native_step
+
+    if "gemv" not in kernel_choice.candidates(torch.device("cpu"), torch.float32, "float") or \
+            native.decode_step_entry(torch.float32, False) is None:
+        pytest.skip("no native decode step for float32 here")
+    kwargs = dict(max_seq_len=40, max_batch_size=18, device="cpu", kernels="gemv,native-attention")
+    prompts = [f"the river {i}" for i in range(18)]
+
+    def generate():
+        built = Llama.build(str(tiny_checkpoint), str(tiny_tokenizer_path), **kwargs)
+        engine, requests = built.engine, []
+        for i, prompt in enumerate(prompts):  # the last slots finish first: 18 rows decode, then fewer
+            requests.append(engine.add_request(encode(built, prompt), SamplingParams(temperature=0.0, max_gen_len=20 - i)))
+        run(engine, requests)
+        return [r.output_tokens for r in requests], built
+
+    calls = []
+    real_call = native_step.NativeStep.__call__
+    monkeypatch.setattr(native_step.NativeStep, "__call__", lambda self, t, p: calls.append(len(t)) or real_call(self, t, p))
+    mixed, built = generate()
+    assert calls and max(calls) == 16 and built.runner.native_decoder() is not None  # and 17-18 rows went to the modules
+    monkeypatch.setenv(native_step.ENV, "0")
+    modules_only, _ = generate()
+    assert mixed == modules_only
