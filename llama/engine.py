@@ -11,7 +11,9 @@ position. Each :meth:`Engine.step`:
    decoding (so a long prompt cannot stall them for long), as many as fit otherwise.
    A prompt whose last chunk ran yields its first generated token;
 4. **decodes**: one token for every row past its prompt, each at its own position, in
-   one batched step (compiled, when the runner is);
+   one batched step (compiled, when the runner is) over the rows up to the last decoding
+   one; where the step is one native call (:mod:`llama.native_step`) it runs the decoding
+   rows only, skipping free and prefilling rows in front of them;
 5. ends the rows that reached EOS, a stop string, their ``max_gen_len`` or the end of
    the context, or were aborted, and frees their slots for the next step.
 
@@ -433,6 +435,16 @@ class Engine:
         if not decoding:
             return
         n = max(r.slot for r in decoding) + 1
+        if len(decoding) < n and self.runner.decodes_rows(len(decoding)):
+            # Rows in front of the last decoding one are free or prefilling: a step that reads any
+            # cache rows (one native call) runs only the decoding ones.
+            logits = self.runner.decode_rows([r.output_tokens[-1] for r in decoding],
+                                             [min(r.num_cached, self.max_seq_len - 1) for r in decoding],
+                                             [r.slot for r in decoding])
+            for request in decoding:
+                request.num_cached += 1
+            self._sample(decoding, logits, outputs)
+            return
         size = max(n, self.runner.step_batch_size(n))
         # Rows that are not decoding (free, or still prefilling) are fed token 0 at their next
         # position: a write that is overwritten before anything reads it.

@@ -94,7 +94,7 @@ _ATTENTION_ARGS = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_float
 _INT8_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]  # x, w, w_scale, y, M, N, K, threads
 _NORM_ARGS = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]  # x, w, y, rows, dim, eps
 _ROPE_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5  # x, cos, sin, y, B, S, H, D, cos rows
-_STEP_ARGS = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]  # model, tokens, positions, M, logits, threads
+_STEP_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]  # model, tokens, positions, rows, M, logits, threads
 # dtype -> (RMSNorm, RoPE) entry points (AVX2 objects: every CPU that has any of the kernels)
 ELEMENTWISE_ENTRIES = {torch.float32: ("llama_rms_norm_f32", "llama_rope_f32"), torch.bfloat16: ("llama_rms_norm_bf16", "llama_rope_bf16")}
 
@@ -252,7 +252,7 @@ def _load(flags: frozenset) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dtype, En
 
 
 def _step_entry(lib: ctypes.CDLL, name: str) -> Optional[Callable]:
-    """The whole-step entry point ``name`` (model, tokens, positions, rows, logits, threads), if the library has it."""
+    """The whole-step entry point ``name`` (model, tokens, positions, cache rows, M, logits, threads), if the library has it."""
     if not hasattr(lib, name):
         return None
     entry = getattr(lib, name)

@@ -159,7 +159,7 @@ class NativeStep:
         self.model, self.cache, self.entry = model, cache, entry
         self.int8 = _int8({linear_kernels.name_of(layer.kernel) for _, layer in linear_layers(model)})
         self.vocab, self.max_seq_len = params.vocab_size, cache.max_seq_len
-        self.rows = min(cache.max_batch_size, native.MAX_STEP_ROWS)
+        self.rows = min(cache.max_batch_size, native.MAX_STEP_ROWS)  # tokens per call, each in a cache row of its own
         self.plan = getattr(model, "kernel_plan", None)
         bound = _bound_tensors(model, self.int8)
         # The tensors (their storage: a detached view keeps it alive even if a parameter's .data is
@@ -212,9 +212,10 @@ class NativeStep:
         return tuple(id(t) for t in (model.tok_embeddings.weight, model.output.weight, first.attention.wq.weight,
                                      last.feed_forward.w2.weight))
 
-    def __call__(self, tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
-        """Float32 logits (len(tokens), vocab) for one token per cache row ``0..len(tokens)-1``,
-        row ``i``'s at ``positions[i]`` (as :meth:`llama.model.Transformer.decode_step`)."""
+    def __call__(self, tokens: Sequence[int], positions: Sequence[int], rows: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Float32 logits (len(tokens), vocab) for one token per cache row, token ``i`` at
+        ``positions[i]`` of cache row ``rows[i]`` (distinct rows; default ``0..len(tokens)-1``), as
+        :meth:`llama.model.Transformer.decode_step` computes them for rows ``0..len(tokens)-1``."""
         n = len(tokens)
         if not 0 < n <= self.rows or len(positions) < n:
             raise ValueError(f"the native decode step takes 1..{self.rows} rows with a position each, got {n}")
@@ -222,9 +223,14 @@ class NativeStep:
             raise ValueError(f"token ids must be in 0..{self.vocab - 1}, got {list(tokens)}")
         if min(positions[:n]) < 0 or max(positions[:n]) >= self.max_seq_len:
             raise ValueError(f"positions must be in 0..{self.max_seq_len - 1}, got {list(positions[:n])}")
+        row_array = None
+        if rows is not None:
+            if len(rows) != n or len(set(rows)) != n or min(rows) < 0 or max(rows) >= self.cache.max_batch_size:
+                raise ValueError(f"rows must be {n} distinct cache rows in 0..{self.cache.max_batch_size - 1}, got {list(rows)}")
+            row_array = (ctypes.c_int64 * n)(*rows)
         logits = torch.empty(n, self.vocab, dtype=torch.float32)
-        status = self.entry(ctypes.byref(self._struct), (ctypes.c_int64 * n)(*tokens), (ctypes.c_int64 * n)(*positions[:n]), n,
-                            logits.data_ptr(), torch.get_num_threads())
+        status = self.entry(ctypes.byref(self._struct), (ctypes.c_int64 * n)(*tokens), (ctypes.c_int64 * n)(*positions[:n]),
+                            row_array, n, logits.data_ptr(), torch.get_num_threads())
         if status:
             raise ValueError(f"the native decode step refused {n} rows")
         return logits

@@ -203,6 +203,21 @@ class ModelRunner:
             self.compiled_batch_sizes.append(size)
         return self._decode_step(t, pos)[:n]
 
+    def decodes_rows(self, n: int) -> bool:
+        """Whether :meth:`decode_rows` takes ``n`` tokens: the step is one native call, which reads any cache rows."""
+        step = self.native_decoder() if self.device.type == "cpu" else None
+        return step is not None and 0 < n <= step.rows
+
+    @torch.inference_mode()
+    def decode_rows(self, tokens: Sequence[int], positions: Sequence[int], rows: Sequence[int]) -> torch.Tensor:
+        """One token for each of the distinct cache ``rows`` (``tokens[i]`` at ``positions[i]`` of row
+        ``rows[i]``), whichever rows they are, where :meth:`decodes_rows` says so; float32 logits
+        (len(tokens), vocab). The engine skips the rows in front of the last decoding one that are
+        free or still prefilling, which :meth:`decode` must run too."""
+        if not self.decodes_rows(len(tokens)):
+            raise ValueError(f"this model's decode step cannot take {len(tokens)} rows of its own choice")
+        return self.native_decoder()(tokens, positions, rows)
+
     def native_decoder(self) -> Optional[native_step.NativeStep]:
         """The eager decode step in one native call (:mod:`llama.native_step`) where the model can
         take it (:func:`llama.native_step.why_not`), else None; made again when the model's kernel

@@ -288,9 +288,11 @@ def test_run_loop_serves_requests_added_from_another_thread(llama):
     assert [seen[r.request_id] for r in requests] == want
 
 
-def test_steps_move_between_the_one_call_and_the_modules_as_rows_come_and_go(tiny_checkpoint, tiny_tokenizer_path, monkeypatch):
+@pytest.mark.parametrize("first_done", ["last slots", "first slots"])
+def test_steps_move_between_the_one_call_and_the_modules_as_rows_come_and_go(tiny_checkpoint, tiny_tokenizer_path, monkeypatch, first_done):
     """18 slots: while more than 16 rows decode the modules run the step, then the one call does, in
-    the middle of the same generations; the tokens are those of the modules alone."""
+    the middle of the same generations; the tokens are those of the modules alone. Where the first
+    slots finish first, the one call takes only the rows still decoding (the runner's decode_rows)."""
     from llama import kernel_choice, native, native_step
 
     if "gemv" not in kernel_choice.candidates(torch.device("cpu"), torch.float32, "float") or \
@@ -302,16 +304,20 @@ def test_steps_move_between_the_one_call_and_the_modules_as_rows_come_and_go(tin
     def generate():
         built = Llama.build(str(tiny_checkpoint), str(tiny_tokenizer_path), **kwargs)
         engine, requests = built.engine, []
-        for i, prompt in enumerate(prompts):  # the last slots finish first: 18 rows decode, then fewer
-            requests.append(engine.add_request(encode(built, prompt), SamplingParams(temperature=0.0, max_gen_len=20 - i)))
+        for i, prompt in enumerate(prompts):  # rows finish one after the other
+            max_gen_len = 20 - i if first_done == "last slots" else 3 + i
+            requests.append(engine.add_request(encode(built, prompt), SamplingParams(temperature=0.0, max_gen_len=max_gen_len)))
         run(engine, requests)
         return [r.output_tokens for r in requests], built
 
     calls = []
     real_call = native_step.NativeStep.__call__
-    monkeypatch.setattr(native_step.NativeStep, "__call__", lambda self, t, p: calls.append(len(t)) or real_call(self, t, p))
+    monkeypatch.setattr(native_step.NativeStep, "__call__",
+                        lambda self, t, p, rows=None: calls.append((len(t), rows is not None)) or real_call(self, t, p, rows))
     mixed, built = generate()
-    assert calls and max(calls) == 16 and built.runner.native_decoder() is not None  # and 17-18 rows went to the modules
+    assert calls and max(n for n, _ in calls) == 16 and built.runner.native_decoder() is not None  # 17-18: the modules
+    # the first slots free while the last decode: the one call runs the decoding rows only
+    assert any(chosen for _, chosen in calls) == (first_done == "first slots")
     monkeypatch.setenv(native_step.ENV, "0")
     modules_only, _ = generate()
     assert mixed == modules_only

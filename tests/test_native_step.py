@@ -153,6 +153,23 @@ def test_new_weight_tensors_make_a_new_step():
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
 
 
+def test_any_cache_rows_not_just_the_first():
+    """Tokens for cache rows 2 and 0 (row 1 left alone): the logits the model's step gives those rows,
+    and row 1's keys and values untouched."""
+    model = make_model(torch.float32)
+    lengths = [6, 11, 3]
+    prefill_rows(model, lengths)
+    before = cache_copy(model)
+    with torch.inference_mode():
+        want = model.decode_step(torch.tensor([[7], [8], [9]]), torch.tensor(lengths), kv_len=max(lengths) + 1)
+    restore(model, before)
+    got = native_step.NativeStep.for_model(model)([9, 7], [lengths[2], lengths[0]], rows=[2, 0])
+    assert ((got - want[[2, 0]]).abs().max() / want.abs().max()).item() < TOLERANCE[torch.float32, False]
+    for layer, (k, v) in zip(model.cache.layers, before):
+        assert torch.equal(layer.cache_k[1], k[1]) and torch.equal(layer.cache_v[1], v[1])
+        assert not torch.equal(layer.cache_k[2], k[2])  # row 2 got its new key
+
+
 def test_bad_rows_tokens_and_positions_are_errors_not_reads_out_of_bounds():
     model = make_model(torch.float32, max_batch_size=2)
     step = native_step.NativeStep.for_model(model)
@@ -166,6 +183,10 @@ def test_bad_rows_tokens_and_positions_are_errors_not_reads_out_of_bounds():
         step([1], [48])
     with pytest.raises(ValueError, match="a position each"):
         step([1, 2], [0])
+    with pytest.raises(ValueError, match="distinct cache rows"):
+        step([1, 2], [0, 0], rows=[1, 1])
+    with pytest.raises(ValueError, match="distinct cache rows"):
+        step([1], [0], rows=[2])  # a cache of 2 rows
 
 
 @pytest.mark.skipif(not ISA_CASES, reason=f"this CPU ({kernel_choice.describe_cpu()}) has no instruction set the kernels use")

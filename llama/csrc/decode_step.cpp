@@ -1,5 +1,5 @@
-// A whole decode step of the model in one call: one new token for each of cache rows 0..M-1,
-// row b at its own position, through every layer, to the logits.
+// A whole decode step of the model in one call: one new token for each of M cache rows (rows 0..M-1,
+// or any M distinct rows), each at its own position, through every layer, to the logits.
 //
 // Why: at batch 1 the step's matrix products (gemv.h) read the weights at memory speed, and
 // what is left is the cost of running the step as some 300 torch operators a layer's worth of
@@ -90,8 +90,10 @@ inline float rounded(float v) {  // v as the dtype holds it
   return get(&t);
 }
 
+// rows[b]: the cache row of token b (null: row b)
 template <class Op, class W>
-void decode_step(const StepModel &md, const int64_t *tokens, const int64_t *positions, int64_t M, float *logits, int threads) {
+void decode_step(const StepModel &md, const int64_t *tokens, const int64_t *positions, const int64_t *rows, int64_t M,
+                 float *logits, int threads) {
   using T = typename Op::T;
   const int64_t dim = md.dim, hidden = md.hidden, H = md.heads, KVH = md.kv_heads, D = md.head_dim, S = md.max_seq_len;
   const int64_t rep = H / KVH, qdim = H * D, kvdim = KVH * D, half = D / 2;
@@ -140,9 +142,9 @@ void decode_step(const StepModel &md, const int64_t *tokens, const int64_t *posi
       // per cache row and kv head: RoPE, the new key and value into the cache, attention
 #pragma omp for schedule(static)
       for (int64_t task = 0; task < M * KVH; task++) {
-        const int64_t b = task / KVH, g = task % KVH, pos = positions[b];
+        const int64_t b = task / KVH, g = task % KVH, pos = positions[b], row = rows ? rows[b] : b;
         const float *c = md.rope_cos + pos * half, *sn = md.rope_sin + pos * half;
-        T *ck = (T *)L.cache_k + ((b * KVH + g) * S) * D, *cv = (T *)L.cache_v + ((b * KVH + g) * S) * D;
+        T *ck = (T *)L.cache_k + ((row * KVH + g) * S) * D, *cv = (T *)L.cache_v + ((row * KVH + g) * S) * D;
         rope(q + b * qdim + g * rep * D, c, sn, q + b * qdim + g * rep * D, 1, 1, rep, D, 1);
         rope(k + b * kvdim + g * D, c, sn, ck + pos * D, 1, 1, 1, D, 1);
         memcpy(cv + pos * D, v + b * kvdim + g * D, D * sizeof(T));
@@ -177,9 +179,10 @@ void decode_step(const StepModel &md, const int64_t *tokens, const int64_t *posi
 
 }  // namespace
 
-// The entry points (ctypes): tokens, positions (M,) int64; logits (M, vocab) float32. Each returns 0,
-// or 1 (having done nothing) for M outside 1..MAX_STEP_ROWS. Tokens must be ids of the vocabulary
-// and positions below max_seq_len: llama/native_step.py checks them.
+// The entry points (ctypes): tokens, positions, rows (M,) int64 (rows: each token's cache row, distinct;
+// null for rows 0..M-1); logits (M, vocab) float32. Each returns 0, or 1 (having done nothing) for M
+// outside 1..MAX_STEP_ROWS. Tokens must be ids of the vocabulary, positions below max_seq_len and rows
+// below the cache's: llama/native_step.py checks them.
 #if defined(LLAMA_ISA_AVX512)
 using F32Avx512Float = FloatWeights<F32Avx512, 8, 2>;
 #endif
@@ -192,10 +195,10 @@ using Bf16Avx2Float = FloatWeights<Bf16Avx2, 4, 2>;
 #endif
 
 #define LLAMA_STEP_ENTRY(name, Op, W)                                                                                  \
-  int name(const StepModel *model, const int64_t *tokens, const int64_t *positions, int64_t M, float *logits,           \
-           int threads) {                                                                                               \
+  int name(const StepModel *model, const int64_t *tokens, const int64_t *positions, const int64_t *rows, int64_t M,     \
+           float *logits, int threads) {                                                                                \
     if (M < 1 || M > MAX_STEP_ROWS) return 1;                                                                           \
-    decode_step<Op, W>(*model, tokens, positions, M, logits, threads);                                                  \
+    decode_step<Op, W>(*model, tokens, positions, rows, M, logits, threads);                                            \
     return 0;                                                                                                           \
   }
 
