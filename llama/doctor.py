@@ -51,12 +51,15 @@ def linear_shapes(args: ModelArgs, world: int = 1) -> List[Tuple[str, Tuple[int,
     return [(name, shape) for shape, name in names.items()]
 
 
+def every_linear_shape(args: ModelArgs, world: int = 1) -> List[Tuple[int, int]]:
+    """The local weight shape of each linear layer of one rank: every layer's, and the output layer's once."""
+    return [shape for names, shape in linear_shapes(args, world) for name in names.split()
+            for _ in range(1 if name == "output" else args.n_layers)]
+
+
 def linear_bytes(args: ModelArgs, world: int, element_size: float) -> int:
     """Bytes of one rank's linear weights: every layer's, and the output layer's once."""
-    return int(element_size * sum(
-        rows * cols * sum(1 if name == "output" else args.n_layers for name in names.split())
-        for names, (rows, cols) in linear_shapes(args, world)
-    ))
+    return int(element_size * sum(rows * cols for rows, cols in every_linear_shape(args, world)))
 
 
 def _ms(seconds_ms: float, nbytes: int) -> str:
@@ -147,8 +150,7 @@ def report(
         # as Llama.build decides it: the picks above, or our kernels everywhere where the one-call step wins
         attention_key = ("attention", args.n_heads // world, max(1, args.kv_heads // world), args.head_dim, kernel_choice.ATTENTION_KV_LEN)
         plan.choices[attention_key] = kernel_choice.Choice(attention[dtype], "above")
-        per_layer = [(layout, shape) for names, shape in shapes for name in names.split()
-                     for _ in range(1 if name == "output" else args.n_layers)]
+        per_layer = [(layout, shape) for shape in every_linear_shape(args, world)]
         kernel_choice.prefer_one_call_step(plan, per_layer, args.n_layers, torch.device("cpu"), dtype, world=world)
         step = plan.step or {"one_call": False, "why": "not decided"}
         moved = [f"{shape[0]}x{shape[1]}" for _, shape in shapes if plan.choices[(layout, *shape)].source.endswith("one-call step")]

@@ -853,10 +853,7 @@ def apply(model: nn.Module, plan: Plan, on_packed=None) -> int:
     attention = attention_shape(model)
     if attention is not None and ("attention", *attention) in plan.choices:
         kernel = plan.kernel("attention", attention)
-        for block in model.layers:  # the native decode path brings its fused RoPE (in Attention) and RMSNorm
-            block.attention.decode_attention = kernel
-            block.attention_norm.fused = block.ffn_norm.fused = kernel == "native-attention"
-        model.norm.fused = kernel == "native-attention"
+        model.use_decode_attention(kernel)  # the native one brings its fused RoPE (in Attention) and RMSNorm
     for name, layer in linear_layers(model):
         want = plan.kernel(_layout_class(layer.weight, False), tuple(layer.weight.shape))
         have = linear_kernels.name_of(layer.kernel)

@@ -135,7 +135,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
-        self.fused = False  # decode rows in one native call (llama.native.rms_norm); set by llama.kernel_choice
+        self.fused = False  # decode rows in one native call (llama.native.rms_norm); set by Transformer.use_decode_attention
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -425,6 +425,14 @@ class Transformer(nn.Module):
         if device.type != "meta":
             self.allocate_buffers(device, dtype)
             self.cache = KVCache(params, params.max_batch_size, params.max_seq_len, device, dtype)
+
+    def use_decode_attention(self, kernel: str) -> None:
+        """Decode steps attend with ``kernel`` (``"sdpa"`` or ``"native-attention"``, see
+        :class:`Attention`); the native one brings the decode rows' fused RMSNorm and RoPE."""
+        for block in self.layers:
+            block.attention.decode_attention = kernel
+            block.attention_norm.fused = block.ffn_norm.fused = kernel == "native-attention"
+        self.norm.fused = kernel == "native-attention"
 
     def allocate_buffers(self, device: Union[str, torch.device], dtype: torch.dtype) -> None:
         """Allocate the RoPE tables (``max_seq_len`` positions) on ``device``."""

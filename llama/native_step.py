@@ -59,6 +59,11 @@ def _int8(kernels: Set[str]) -> bool:
     return "int8-gemv" in kernels
 
 
+def _kernels(model: Transformer) -> Set[str]:
+    """The kernels of the model's linear layers (:data:`llama.linear_kernels.KERNELS` names)."""
+    return {linear_kernels.name_of(layer.kernel) for _, layer in linear_layers(model)}
+
+
 def sizes_allow(dtype: torch.dtype, int8: bool, in_features: Sequence[int], head_dim: int) -> str:
     """'' if the kernels' steps divide these sizes (the linear layers' inner sizes, the head size), else why not."""
     entry = native._ENTRIES.get(dtype)
@@ -122,11 +127,12 @@ def why_not(model: Transformer) -> str:
     cache = model.cache
     if cache is None:
         return "no KV cache"
-    kernels = {linear_kernels.name_of(layer.kernel) for _, layer in linear_layers(model)}
+    layers = [layer for _, layer in linear_layers(model)]
+    kernels = {linear_kernels.name_of(layer.kernel) for layer in layers}
     int8 = _int8(kernels)
     attention = {block.attention.decode_attention for block in model.layers}
     params = model.params
-    in_features = [layer.weight.shape[1] for _, layer in linear_layers(model)]
+    in_features = [layer.weight.shape[1] for layer in layers]
     why = plan_allows(dtype, int8, kernels, attention.pop() if len(attention) == 1 else "mixed",
                       distributed.model_parallel_world_size(), in_features, params.head_dim)
     if why:
@@ -157,7 +163,7 @@ class NativeStep:
     def __init__(self, model: Transformer, entry):
         params, cache = model.params, model.cache
         self.model, self.cache, self.entry = model, cache, entry
-        self.int8 = _int8({linear_kernels.name_of(layer.kernel) for _, layer in linear_layers(model)})
+        self.int8 = _int8(_kernels(model))
         self.vocab, self.max_seq_len = params.vocab_size, cache.max_seq_len
         self.rows = min(cache.max_batch_size, native.MAX_STEP_ROWS)  # tokens per call, each in a cache row of its own
         self.plan = getattr(model, "kernel_plan", None)
@@ -191,8 +197,7 @@ class NativeStep:
         """A native step for ``model`` and its current cache, or None where :func:`why_not` says no."""
         if why_not(model):
             return None
-        int8 = _int8({linear_kernels.name_of(layer.kernel) for _, layer in linear_layers(model)})
-        return cls(model, native.decode_step_entry(model.tok_embeddings.weight.dtype, int8))
+        return cls(model, native.decode_step_entry(model.tok_embeddings.weight.dtype, _int8(_kernels(model))))
 
     def current(self, model: Transformer) -> bool:
         """Whether this step still reads ``model`` as it is: the same cache and kernel plan
@@ -263,10 +268,7 @@ def step_overheads(n_layers: int, dtype: torch.dtype, int8: bool, batches: Seque
             layer.set_weight(layer.weight, layer.scales.float(), linear_kernels.int8_gemv)
         else:
             layer.set_weight(layer.weight.data, kernel=linear_kernels.gemv)
-    for block in model.layers:
-        block.attention.decode_attention = "native-attention"
-        block.attention_norm.fused = block.ffn_norm.fused = True
-    model.norm.fused = True
+    model.use_decode_attention("native-attention")
     one_call = NativeStep(model, native.decode_step_entry(dtype, int8))
     best = {b: [float("inf"), float("inf")] for b in batches}
     wall, cpu = 0.0, 0.0

@@ -187,8 +187,8 @@ class ModelRunner:
         position, written again before it is read). Returns float32 logits (len(tokens), vocab).
         """
         n = len(tokens)
-        step = self.native_decoder() if self.device.type == "cpu" else None
-        if step is not None and n <= step.rows:  # the whole step in one native call (compiled or not)
+        step = self._row_decoder(n)
+        if step is not None:  # the whole step in one native call (compiled or not)
             return step(tokens, positions)
         size = self.step_batch_size(n)
         padded = list(tokens) + [0] * (size - n)
@@ -203,10 +203,14 @@ class ModelRunner:
             self.compiled_batch_sizes.append(size)
         return self._decode_step(t, pos)[:n]
 
+    def _row_decoder(self, n: int) -> Optional[native_step.NativeStep]:
+        """The one-call step where it takes ``n`` tokens, else None."""
+        step = self.native_decoder() if self.device.type == "cpu" else None
+        return step if step is not None and 0 < n <= step.rows else None
+
     def decodes_rows(self, n: int) -> bool:
         """Whether :meth:`decode_rows` takes ``n`` tokens: the step is one native call, which reads any cache rows."""
-        step = self.native_decoder() if self.device.type == "cpu" else None
-        return step is not None and 0 < n <= step.rows
+        return self._row_decoder(n) is not None
 
     @torch.inference_mode()
     def decode_rows(self, tokens: Sequence[int], positions: Sequence[int], rows: Sequence[int]) -> torch.Tensor:
@@ -214,9 +218,10 @@ class ModelRunner:
         ``rows[i]``), whichever rows they are, where :meth:`decodes_rows` says so; float32 logits
         (len(tokens), vocab). The engine skips the rows in front of the last decoding one that are
         free or still prefilling, which :meth:`decode` must run too."""
-        if not self.decodes_rows(len(tokens)):
+        step = self._row_decoder(len(tokens))
+        if step is None:
             raise ValueError(f"this model's decode step cannot take {len(tokens)} rows of its own choice")
-        return self.native_decoder()(tokens, positions, rows)
+        return step(tokens, positions, rows)
 
     def native_decoder(self) -> Optional[native_step.NativeStep]:
         """The eager decode step in one native call (:mod:`llama.native_step`) where the model can
