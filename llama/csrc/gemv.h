@@ -52,8 +52,13 @@ __attribute__((always_inline)) inline void tile_sums(const typename Op::T *__res
     for (int j = 0; j < MT; j++) xv[j] = Op::load_x(xr + j * K + k);
 #pragma GCC unroll 16
     for (int r = 0; r < R; r++) {
+      if constexpr (MT == 1) {
+        a[r] = Op::madd(a[r], xv[0], wr + r * K + k);  // one use: the load folds into the multiply
+      } else {  // loaded once for MT rows of x (see in_register)
+        const typename Op::W wv = Op::load_w(wr + r * K + k);
 #pragma GCC unroll 16
-      for (int j = 0; j < MT; j++) a[j * R + r] = Op::madd(a[j * R + r], xv[j], wr + r * K + k);
+        for (int j = 0; j < MT; j++) a[j * R + r] = Op::madd(a[j * R + r], xv[j], wv);
+      }
     }
   }
   Op::template reduce<R * MT>(a, out);

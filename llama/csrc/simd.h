@@ -10,6 +10,8 @@
 //   zero()      a zero accumulator
 //   load_x(p)   kStep elements of an activation (or query) row
 //   madd(a,x,w) a += the products of x and kStep elements of a weight (or key) row at w
+//   W, load_w   kStep elements of a weight row, loaded into registers once for several rows of x;
+//               madd(a,x,wv) with them
 //   reduce<n>   out[i] = the sum of a[i]'s lanes, for n accumulators
 //   widen(p)    kLanes elements at p as float32 lanes            (attention: value rows)
 //   store(p,a)  kLanes float32 lanes to kLanes elements of T at p (rounded to nearest even)
@@ -39,6 +41,14 @@ inline float from_bf16(uint16_t h) {
   float f;
   memcpy(&f, &u, 4);
   return f;
+}
+
+// v, kept in a register from here: GCC otherwise folds a load used by several FMAs into each of
+// them (one load per FMA), and a core loads fewer vectors per cycle than it multiplies
+template <class V>
+__attribute__((always_inline)) inline V in_register(V v) {
+  asm("" : "+v"(v));
+  return v;
 }
 
 inline void put(float *y, float v) { *y = v; }
@@ -111,6 +121,9 @@ struct F32Avx512 : Lanes512 {  // float32: 16 products per FMA
   using X = __m512;
   static constexpr int kStep = 16;
   static X load_x(const T *x) { return _mm512_loadu_ps(x); }
+  using W = __m512;
+  static W load_w(const T *w) { return in_register(_mm512_loadu_ps(w)); }
+  static Acc madd(Acc a, X x, W w) { return _mm512_fmadd_ps(x, w, a); }
   static Acc madd(Acc a, X x, const T *w) { return _mm512_fmadd_ps(x, _mm512_loadu_ps(w), a); }
   static Acc widen(const T *p) { return _mm512_loadu_ps(p); }
   static void store(T *p, Acc a) { _mm512_storeu_ps(p, a); }
@@ -129,6 +142,9 @@ struct Bf16Avx512Widened : Lanes512 {
   };
   static constexpr int kStep = 32;
   static X load_x(const T *x) { return X{bf16x16(x), bf16x16(x + 16)}; }
+  using W = X;
+  static W load_w(const T *w) { return W{in_register(bf16x16(w)), in_register(bf16x16(w + 16))}; }
+  static Acc madd(Acc a, X x, W w) { return _mm512_fmadd_ps(x.hi, w.hi, _mm512_fmadd_ps(x.lo, w.lo, a)); }
   static Acc madd(Acc a, X x, const T *w) { return _mm512_fmadd_ps(x.hi, bf16x16(w + 16), _mm512_fmadd_ps(x.lo, bf16x16(w), a)); }
   static Acc widen(const T *p) { return bf16x16(p); }
   static void store(T *p, Acc a) {
@@ -145,6 +161,9 @@ struct Bf16Avx512 : Lanes512 {  // bfloat16 with AVX512-BF16: 32 products (pairs
   using X = __m512bh;
   static constexpr int kStep = 32;
   static X load_x(const T *x) { return (__m512bh)_mm512_loadu_si512(x); }
+  using W = __m512bh;
+  static W load_w(const T *w) { return in_register((__m512bh)_mm512_loadu_si512(w)); }
+  static Acc madd(Acc a, X x, W w) { return _mm512_dpbf16_ps(a, x, w); }
   static Acc madd(Acc a, X x, const T *w) { return _mm512_dpbf16_ps(a, x, (__m512bh)_mm512_loadu_si512(w)); }
   static Acc widen(const T *p) { return bf16x16(p); }
   static void store(T *p, Acc a) { _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(a)); }
@@ -199,6 +218,9 @@ struct F32Avx2 : Lanes256 {  // float32: 8 products per FMA
   using X = __m256;
   static constexpr int kStep = 8;
   static X load_x(const T *x) { return _mm256_loadu_ps(x); }
+  using W = __m256;
+  static W load_w(const T *w) { return in_register(_mm256_loadu_ps(w)); }
+  static Acc madd(Acc a, X x, W w) { return _mm256_fmadd_ps(x, w, a); }
   static Acc madd(Acc a, X x, const T *w) { return _mm256_fmadd_ps(x, _mm256_loadu_ps(w), a); }
   static Acc widen(const T *p) { return _mm256_loadu_ps(p); }
   static void store(T *p, Acc a) { _mm256_storeu_ps(p, a); }
@@ -216,6 +238,12 @@ struct Bf16Avx2 : Lanes256 {  // bfloat16 without AVX512-BF16: widened to float3
     __m256i v = _mm256_loadu_si256((const __m256i *)x);
     return X{bf16x8(_mm256_castsi256_si128(v)), bf16x8(_mm256_extracti128_si256(v, 1))};
   }
+  using W = X;
+  static W load_w(const T *w) {
+    const X v = load_x(w);
+    return W{in_register(v.lo), in_register(v.hi)};
+  }
+  static Acc madd(Acc a, X x, W w) { return _mm256_fmadd_ps(x.hi, w.hi, _mm256_fmadd_ps(x.lo, w.lo, a)); }
   static Acc madd(Acc a, X x, const T *w) {
     __m256i v = _mm256_loadu_si256((const __m256i *)w);
     return _mm256_fmadd_ps(x.hi, bf16x8(_mm256_extracti128_si256(v, 1)), _mm256_fmadd_ps(x.lo, bf16x8(_mm256_castsi256_si128(v)), a));
