@@ -98,7 +98,7 @@ class Llama:
             kernels: the kernels, overriding the measured choice, comma-separated, at most
                 one per kind: ``"dense"``, ``"gemv"`` (our matrix-vector kernels on the dense
                 weights, :mod:`llama.native`) or ``"packed"`` for float weights; ``"int8"``,
-                ``"int8-fp32"`` (float32 activations) or ``"int8-gemv"`` (AVX512-VNNI) for
+                ``"int8-fp32"`` (float32 activations) or ``"int8-gemv"`` (AVX512-VNNI or AVX2) for
                 ``quantize="int8"``; ``"sdpa"`` or ``"native-attention"`` for the decode
                 step's attention; or ``"auto"``. Default (``None``): ``$LLAMA_KERNELS`` if
                 set, else ``"auto"``: on the CPU, each shape gets the kernel measured fastest

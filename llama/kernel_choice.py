@@ -16,7 +16,8 @@ fastest is kept:
   with AVX512-BF16 or AMX);
 - int8 weights (``quantize="int8"``): ``int8`` (``aten._weight_int8pack_mm`` with
   bfloat16 activations for a float32 model), ``int8-fp32`` (float32 activations) and
-  ``int8-gemv`` (our AVX512-VNNI kernel, :func:`llama.native.int8_linear`, where it builds).
+  ``int8-gemv`` (our AVX512-VNNI kernel, or AVX2 on CPUs without VNNI,
+  :func:`llama.native.int8_linear`, where it builds).
 
 The decode step's attention is chosen the same way (layout ``"attention"``, shape heads x
 kv heads x head size x the positions it is timed over): ``sdpa`` (torch's

@@ -9,7 +9,7 @@ A layer of :mod:`llama.parallel_layers` holds its weight in one of three layouts
   (:mod:`llama.packed_linear` says why), oneDNN's inner product;
 - :func:`int8`: int8 ``weight`` with one float scale per output row in ``scales``
   (:mod:`llama.quantize`), :func:`int8_linear`; :func:`int8_fp32` is the same product
-  with float32 activations; :func:`int8_gemv` our AVX512-VNNI kernel for decode rows.
+  with float32 activations; :func:`int8_gemv` our AVX512-VNNI (or AVX2) kernel for decode rows.
 
 Each kernel is called as ``kernel(x, layer)``; the layer does the model-parallel
 communication around it. :data:`KERNELS` names them (the names that
@@ -176,7 +176,7 @@ def int8_fp32(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
 
 def int8_gemv(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """``x @ W.T`` for an int8 ``layer.weight`` with float32 per-output-row ``layer.scales``: our
-    AVX512-VNNI kernel (:func:`llama.native.int8_linear`, activations quantized in blocks of 32)
+    AVX512-VNNI or AVX2 kernel (:func:`llama.native.int8_linear`, activations quantized in blocks of 32)
     for up to ``native.MAX_ROWS`` rows (decode), :func:`int8_linear` for more (prefill)."""
     if native.covers_int8(x, layer.weight, layer.scales):
         return native.run_int8_linear(x, layer.weight, layer.scales)

@@ -3,7 +3,7 @@
 - :func:`linear` (``gemv.cpp``): ``x @ W.T`` for the few rows of a decode step on a dense
   float32 or bfloat16 weight, at the speed the weight streams from memory;
   :func:`linear_many` the same for several weights that read one input (q/k/v, w1/w3);
-- :func:`int8_linear` (``gemv.cpp``, AVX512-VNNI): int8 weights with per-row scales, the
+- :func:`int8_linear` (``gemv.cpp``, AVX512-VNNI, else AVX2): int8 weights with per-row scales, the
   activations quantized in blocks of 32;
 - :func:`decode_attention` (``attention.cpp``): one new token per cache row attending
   over that row's cached keys and values, each read once, in float32;
@@ -76,12 +76,18 @@ ISAS: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...], Dict[torch.dtype, Tuple[
         {},
     ),
 }
-# int8 weights (per-row float32 scales) x activations of a dtype: instruction set -> dtype -> entry point
-INT8_ENTRIES = {"avx512vnni": {torch.float32: "llama_linear_i8_f32_avx512vnni", torch.bfloat16: "llama_linear_i8_bf16_avx512vnni"}}
+# int8 weights (per-row float32 scales) x activations of a dtype: instruction set -> dtype -> entry point,
+# the preferred set first (AVX512-VNNI; else AVX2's vpmaddubsw, as CPUs without VNNI such as Zen 2/3 have)
+INT8_ENTRIES = {
+    "avx512vnni": {torch.float32: "llama_linear_i8_f32_avx512vnni", torch.bfloat16: "llama_linear_i8_bf16_avx512vnni"},
+    "avx2": {torch.float32: "llama_linear_i8_f32_avx2", torch.bfloat16: "llama_linear_i8_bf16_avx2"},
+}
 # the whole decode step (decode_step.cpp) of a model with float weights: llama_decode_step_<suffix> (ISAS);
-# with int8 weights: instruction set -> dtype -> entry point
-INT8_STEP_ENTRIES = {"avx512vnni": {torch.float32: "llama_decode_step_i8_f32_avx512vnni",
-                                    torch.bfloat16: "llama_decode_step_i8_bf16_avx512vnni"}}
+# with int8 weights: instruction set -> dtype -> entry point (preferred first, as INT8_ENTRIES)
+INT8_STEP_ENTRIES = {
+    "avx512vnni": {torch.float32: "llama_decode_step_i8_f32_avx512vnni", torch.bfloat16: "llama_decode_step_i8_bf16_avx512vnni"},
+    "avx2": {torch.float32: "llama_decode_step_i8_f32_avx2", torch.bfloat16: "llama_decode_step_i8_bf16_avx2"},
+}
 INT8_STEP = 64  # the inner size must be a multiple of this
 MAX_ROWS = 16  # more rows than this (prefill) go to torch: there the product is compute-bound and oneDNN/MKL block for it
 MAX_STEP_ROWS = 16  # rows (cache rows, one token each) of a whole decode step: decode_step.cpp's MAX_STEP_ROWS
@@ -230,8 +236,8 @@ def _load(flags: frozenset) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dtype, En
                 many_fn.argtypes, many_fn.restype = _LINEAR_MANY_ARGS, None
                 entries[dtype] = Entries(linear_fn, attention_fn, many_fn, step, _step_entry(lib, f"llama_decode_step_{suffix}"))
     int8: Dict[torch.dtype, Callable] = {}
-    for isa in isas:
-        for dtype, name in INT8_ENTRIES.get(isa, {}).items():
+    for isa in (isa for isa in INT8_ENTRIES if isa in isas):  # the preferred set first
+        for dtype, name in INT8_ENTRIES[isa].items():
             if dtype not in int8 and hasattr(lib, name):
                 int8[dtype] = getattr(lib, name)
                 int8[dtype].argtypes, int8[dtype].restype = _INT8_ARGS, None
@@ -243,8 +249,8 @@ def _load(flags: frozenset) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dtype, En
             rope_fn.argtypes, rope_fn.restype = _ROPE_ARGS, None
             elementwise[dtype] = (norm_fn, rope_fn)
     int8_step: Dict[torch.dtype, Callable] = {}
-    for isa in isas:
-        for dtype, name in INT8_STEP_ENTRIES.get(isa, {}).items():
+    for isa in (isa for isa in INT8_STEP_ENTRIES if isa in isas):
+        for dtype, name in INT8_STEP_ENTRIES[isa].items():
             entry = _step_entry(lib, name)
             if dtype not in int8_step and entry is not None:
                 int8_step[dtype] = entry
@@ -378,7 +384,8 @@ def linear_many(x: torch.Tensor, weights) -> list:
 
 
 def int8_available(dtype: torch.dtype, flags: Iterable[str]) -> bool:
-    """Whether :func:`int8_linear` has a kernel of its own for a ``dtype`` model on a CPU with ``flags`` (AVX512-VNNI)."""
+    """Whether :func:`int8_linear` has a kernel of its own for a ``dtype`` model on a CPU with ``flags``
+    (AVX512-VNNI, else AVX2)."""
     _library(flags)
     return dtype in _INT8
 
@@ -406,7 +413,7 @@ def covers_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``x @ (weight * scales[:, None]).T`` for int8 ``weight`` (out, in) and float32 per-row
-    ``scales``, in x's dtype, with AVX512-VNNI: x is quantized to int8 in blocks of 32 (a
+    ``scales``, in x's dtype, with AVX512-VNNI or AVX2: x is quantized to int8 in blocks of 32 (a
     scale each), as llama.cpp's Q8 activations. Needs :func:`covers_int8` (``ValueError`` otherwise)."""
     if not covers_int8(x, weight, scales):
         raise ValueError(f"the native int8 kernel cannot take x {tuple(x.shape)} {x.dtype} with weight "

@@ -196,12 +196,17 @@ def test_model_decodes_the_same_with_native_attention(config, dtype):
         assert ((g - w).norm() / w.norm()).item() < tol
 
 
+@pytest.mark.parametrize("isa", list(native.INT8_ENTRIES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda v: str(v).removeprefix("torch."))
-def test_int8_kernel_equals_the_dequantized_product(dtype):
+def test_int8_kernel_equals_the_dequantized_product(dtype, isa):
+    """Each instruction set's int8 kernel (AVX512-VNNI; AVX2 for CPUs without VNNI) on its own."""
     from llama.quantize import quantize_weight
 
-    if not native.int8_available(dtype, FLAGS):
-        pytest.skip(f"no native int8 kernel here (AVX512-VNNI): {native.unavailable(dtype, FLAGS) or 'no VNNI'}")
+    if isa not in ISA_FLAGS:
+        pytest.skip(f"this CPU ({kernel_choice.describe_cpu()}) has no {isa}")
+    if not native.int8_available(dtype, ISA_FLAGS[isa]):  # from here on, this set's kernels only
+        pytest.skip(f"no native int8 kernel here: {native.unavailable(dtype, ISA_FLAGS[isa])}")
+    assert native._INT8[dtype].__name__ == native.INT8_ENTRIES[isa][dtype]
     gen = torch.Generator().manual_seed(0)
     step = native.INT8_STEP
     for rows, out_features, in_features in [(1, 8, step), (1, 13, 3 * step), (3, 100, 4 * step), (8, 96, 12 * step),

@@ -38,7 +38,7 @@ def make_model(dtype, int8=False, n_kv_heads=1, vocab_size=250, max_batch_size=4
     if why:
         pytest.skip(f"no native {dtype} kernels: {why}")
     if int8 and not native.int8_available(dtype, FLAGS):
-        pytest.skip("no native int8 kernel (AVX512-VNNI) on this CPU")
+        pytest.skip("no native int8 kernel (AVX512-VNNI or AVX2) on this CPU")
     args = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, multiple_of=64, vocab_size=vocab_size,
                      max_seq_len=48, max_batch_size=max_batch_size)
     model = Transformer(args, dtype=dtype).requires_grad_(False)

@@ -66,7 +66,7 @@ struct FloatWeights {
   }
 };
 
-#if defined(LLAMA_ISA_AVX512VNNI)
+#if defined(LLAMA_ISA_AVX512VNNI) || defined(LLAMA_ISA_AVX2)
 // ... or int8 with per-row scales: each thread quantizes the stage's input for itself (M rows of
 // dim or hidden values, 768 to 176K at M = 16: at decode sizes cheaper than another barrier)
 template <class Op>
@@ -212,6 +212,8 @@ LLAMA_STEP_ENTRY(llama_decode_step_bf16_avx512bf16, Bf16Avx512, Bf16Avx512Float)
 #if defined(LLAMA_ISA_AVX2)
 LLAMA_STEP_ENTRY(llama_decode_step_f32_avx2, F32Avx2, F32Avx2Float)
 LLAMA_STEP_ENTRY(llama_decode_step_bf16_avx2, Bf16Avx2, Bf16Avx2Float)
+LLAMA_STEP_ENTRY(llama_decode_step_i8_f32_avx2, F32Avx2, Int8Weights<F32Avx2>)
+LLAMA_STEP_ENTRY(llama_decode_step_i8_bf16_avx2, Bf16Avx2, Int8Weights<Bf16Avx2>)
 #endif
 #if defined(LLAMA_ISA_AVX512VNNI)
 LLAMA_STEP_ENTRY(llama_decode_step_i8_f32_avx512vnni, F32Avx512, Int8Weights<F32Avx512>)

@@ -43,15 +43,18 @@ void llama_linear_bf16_avx2(const uint16_t *x, const uint16_t *w, uint16_t *y, i
   linear<Bf16Avx2, 4, 2>(x, w, y, M, N, K, threads);
 }
 #endif
+// llama_linear_i8_<dtype>_<isa>: int8 w (N, K) with float32 per-row scales w_scale (N,); x and y float32 or bfloat16
+#define LLAMA_LINEAR_I8(suffix, TX)                                                                                     \
+  void llama_linear_i8_##suffix(const TX *x, const int8_t *w, const float *w_scale, TX *y, int64_t M, int64_t N, int64_t K, \
+                                int threads) {                                                                          \
+    linear_i8(x, w, w_scale, y, M, N, K, threads);                                                                      \
+  }
 #if defined(LLAMA_ISA_AVX512VNNI)
-// int8 w (N, K) with float32 per-row scales w_scale (N,); x and y float32 or bfloat16
-void llama_linear_i8_f32_avx512vnni(const float *x, const int8_t *w, const float *w_scale, float *y, int64_t M, int64_t N,
-                                    int64_t K, int threads) {
-  linear_i8(x, w, w_scale, y, M, N, K, threads);
-}
-void llama_linear_i8_bf16_avx512vnni(const uint16_t *x, const int8_t *w, const float *w_scale, uint16_t *y, int64_t M,
-                                     int64_t N, int64_t K, int threads) {
-  linear_i8(x, w, w_scale, y, M, N, K, threads);
-}
+LLAMA_LINEAR_I8(f32_avx512vnni, float)
+LLAMA_LINEAR_I8(bf16_avx512vnni, uint16_t)
+#endif
+#if defined(LLAMA_ISA_AVX2)
+LLAMA_LINEAR_I8(f32_avx2, float)
+LLAMA_LINEAR_I8(bf16_avx2, uint16_t)
 #endif
 }

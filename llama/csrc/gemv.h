@@ -17,13 +17,17 @@
 // K must be a multiple of the vector step (16 float32, 32 bfloat16 for AVX-512; 8 and 16 for
 // AVX2): the Python side checks and falls back to torch where it is not.
 //
-// int8 weights (llama/quantize.py: per-row scales, values in [-127, 127]) with AVX512-VNNI:
-// the activations are first quantized to int8 in blocks of 32 with a float32 scale per block (as
-// llama.cpp's Q8 activations: robust to a few large channels), then one vpdpbusd makes 64
-// int8 products: it multiplies unsigned by signed bytes, so the weights are read as w + 128
-// (an XOR of the sign bit) and 128 * sum(x) is taken off once per row of x. Each pair of
-// blocks' int32 sums is scaled by its block scales into float32 accumulators. K must be a
-// multiple of 64.
+// int8 weights (llama/quantize.py: per-row scales, values in [-127, 127]): the activations are
+// first quantized to int8 in blocks of 32 with a float32 scale per block (as llama.cpp's Q8
+// activations: robust to a few large channels; the same values on every instruction set).
+// - AVX512-VNNI: one vpdpbusd makes 64 int8 products: it multiplies unsigned by signed bytes, so
+//   the weights are read as w + 128 (an XOR of the sign bit) and 128 * sum(x) is taken off once
+//   per row of x. Each pair of blocks' int32 sums is scaled by its block scales into float32
+//   accumulators.
+// - AVX2 (no VNNI: e.g. Zen 2/3): as llama.cpp's AVX2 path, |x| (unsigned) times w with x's sign
+//   (vpsignb), vpmaddubsw into 16 sums of pairs (at most 2 * 127 * 127: no int16 overflow),
+//   vpmaddwd with ones into 8 int32 sums of the block, scaled by the block's scale.
+// K must be a multiple of 64 (llama.native.INT8_STEP).
 //
 // The loops hand each tile's float32 sums to an epilogue, out(m, n, value): store them, add them
 // to a residual, or combine two weights' (SwiGLU), as the caller needs.
@@ -124,6 +128,7 @@ void linear_many(const typename Op::T *x, const typename Op::T *const *ws, typen
 // each 64-value chunk (lanes 0-7: the chunk's first block, 8-15: its second), and per row the
 // correction 128 * sum over blocks of scale * sum(values)
 struct QuantizedRows {
+  static constexpr int kPassRows = 2;  // rows of x that share each weight load (tile_sums_i8's MT)
   std::vector<int8_t> q;
   std::vector<float> lane_scales, correction;
 };
@@ -190,11 +195,74 @@ __attribute__((always_inline)) inline void tile_sums_i8(const QuantizedRows &x, 
     for (int r = 0; r < R; r++) out[j * R + r] = w_scale[n + r] * (out[j * R + r] - x.correction[m + j]);
 }
 
+#elif defined(LLAMA_ISA_AVX2)
+// x rows quantized for the AVX2 int8 kernel: int8 values and one scale per block of 32
+struct QuantizedRows {
+  static constexpr int kPassRows = 1;  // 8 accumulators and the operands fill the 16 registers
+  std::vector<int8_t> q;
+  std::vector<float> scales;
+};
+
+inline __m256 load8(const float *p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t *p) { return bf16x8(_mm_loadu_si128((const __m128i *)p)); }
+
+template <class TX>
+void quantize_rows(const TX *x, int64_t M, int64_t K, QuantizedRows &out) {
+  out.q.resize(M * K);
+  out.scales.resize(M * K / 32);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  // packs interleave 128-bit lanes: this puts the 8 groups of 4 values back in order
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t b = 0; b < K / 32; b++) {
+      const TX *blk = x + m * K + b * 32;
+      __m256 v[4];
+      for (int i = 0; i < 4; i++) v[i] = load8(blk + 8 * i);
+      const __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
+                                      _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)));
+      const float amax = hmax256(mx);
+      const __m256 inv = _mm256_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+      __m256i q[4];  // rounded to nearest even (the default rounding mode), as the AVX-512 kernel; |q| <= 127
+      for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+      const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+      _mm256_storeu_si256((__m256i *)(out.q.data() + m * K + b * 32), _mm256_permutevar8x32_epi32(packed, order));
+      out.scales[m * K / 32 + b] = amax / 127.0f;
+    }
+}
+
+// the products of rows n..n+R-1 of w (scales w_scale) with quantized row m of x: out[r]
+template <int R, int MT>
+__attribute__((always_inline)) inline void tile_sums_i8(const QuantizedRows &x, const int8_t *__restrict w,
+                                                        const float *__restrict w_scale, int64_t K, int64_t n, int64_t m,
+                                                        float *out) {
+  static_assert(MT == 1, "the AVX2 int8 tile reads one row of x at a time");
+  __m256 a[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; r++) a[r] = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int8_t *wr = w + n * K, *xr = x.q.data() + m * K;
+  const float *xs = x.scales.data() + m * K / 32;
+  for (int64_t k = 0; k < K; k += 32) {
+    const __m256i xq = _mm256_loadu_si256((const __m256i *)(xr + k));
+    const __m256i ax = _mm256_sign_epi8(xq, xq);  // |x|
+    const __m256 s = _mm256_broadcast_ss(xs + k / 32);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+      const __m256i sw = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(wr + r * K + k)), xq);  // w * sign(x)
+      const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sw), ones);  // 8 sums of 4 products
+      a[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, a[r]);
+    }
+  }
+  for (int r = 0; r < R; r++) out[r] = w_scale[n + r] * hsum256(a[r]);
+}
+#endif
+
+#if defined(LLAMA_ISA_AVX512VNNI) || defined(LLAMA_ISA_AVX2)
 // tile t of an int8 weight against all M quantized rows of x: out(m, n, value) for each
 template <class Out>
 __attribute__((always_inline)) inline void tile_rows_i8(const QuantizedRows &x, const int8_t *w, const float *w_scale,
                                                         int64_t M, int64_t N, int64_t K, int64_t t, Out &&out) {
-  constexpr int MT = 2;
+  constexpr int MT = QuantizedRows::kPassRows;
   const int64_t n = t * kTileRows;
   float s[kTileRows * MT];
   if (n + kTileRows > N) {  // the last rows, one at a time
@@ -206,10 +274,12 @@ __attribute__((always_inline)) inline void tile_rows_i8(const QuantizedRows &x, 
     return;
   }
   int64_t m = 0;
-  for (; m + MT <= M; m += MT) {
-    tile_sums_i8<kTileRows, MT>(x, w, w_scale, K, n, m, s);
-    for (int j = 0; j < MT; j++)
-      for (int r = 0; r < kTileRows; r++) out(m + j, n + r, s[j * kTileRows + r]);
+  if constexpr (MT > 1) {
+    for (; m + MT <= M; m += MT) {
+      tile_sums_i8<kTileRows, MT>(x, w, w_scale, K, n, m, s);
+      for (int j = 0; j < MT; j++)
+        for (int r = 0; r < kTileRows; r++) out(m + j, n + r, s[j * kTileRows + r]);
+    }
   }
   for (; m < M; m++) {
     tile_sums_i8<kTileRows, 1>(x, w, w_scale, K, n, m, s);

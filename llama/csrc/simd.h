@@ -2,7 +2,7 @@
 // instruction set and dtype. Each .cpp file is compiled once per instruction set, with
 // -DLLAMA_ISA_AVX2 (-mavx2 -mfma), -DLLAMA_ISA_AVX512 (-mavx512f -mavx512bw -mavx512dq -mavx512vl
 // -mfma), -DLLAMA_ISA_AVX512BF16 (the same and -mavx512bf16) or -DLLAMA_ISA_AVX512VNNI (the same
-// and -mavx512vnni: int8 weights, gemv.cpp), and defines only that set's ops.
+// and -mavx512vnni: int8 weights, which the AVX2 objects also have), and defines only that set's ops.
 //
 // An Op has:
 //   T           the element type (float, or uint16_t holding bfloat16 bits)
