@@ -123,7 +123,8 @@ def report(
     for dtype, layout in runs:
         element = 1 if layout == "int8" else torch.empty((), dtype=dtype).element_size()
         stream = linear_bytes(args, world, element)
-        plan = kernel_choice.choose([(layout, s) for _, s in shapes], torch.device("cpu"), dtype, {},
+        prefill_shapes = [("int8-prefill", s) for _, s in shapes] if layout == "int8" else []
+        plan = kernel_choice.choose([(layout, s) for _, s in shapes] + prefill_shapes, torch.device("cpu"), dtype, {},
                                     stream_bytes=stream, use_cache=True, remeasure=remeasure)
         title = f"{str(dtype).removeprefix('torch.')}" + (" model, int8 weights (quantize='int8')" if layout == "int8" else "")
         busy = "" if plan.cpu_share is None else (
@@ -137,6 +138,13 @@ def report(
             for kernel, per in choice.timings_ms.items():
                 cells = "   ".join(f"b{b}: {_ms(t, nbytes)}" for b, t in sorted(per.items(), key=lambda kv: int(kv[0])))
                 print(f"        {kernel:<9} {cells}")
+        for _, shape in prefill_shapes:  # int8 weights' prefill (compute-bound: GFLOP/s)
+            choice = plan.choices[("int8-prefill", *shape)]
+            print(f"  prefill {shape[0]:>6}x{shape[1]:<6} -> {choice.kernel} ({choice.source})")
+            for kernel, per in choice.timings_ms.items():
+                cells = "   ".join(f"{r} rows: {float(t):8.3f} ms {2 * int(r) * shape[0] * shape[1] / float(t) / 1e6:6.0f} GFLOP/s"
+                                   for r, t in sorted(per.items(), key=lambda kv: int(kv[0])))
+                print(f"        {kernel:<19} {cells}")
         if dtype not in attention:  # the decode step's attention, over ATTENTION_KV_LEN cached positions (once per dtype)
             shape = (args.n_heads // world, max(1, args.kv_heads // world), args.head_dim, kernel_choice.ATTENTION_KV_LEN)
             choice = kernel_choice.choose([("attention", shape)], torch.device("cpu"), dtype, {}, remeasure=remeasure
@@ -163,14 +171,19 @@ def report(
         _section(f"Prefill ({prefill} rows: compute-bound; each kernel on the largest per-layer shape, not cached)")
         names, shape = max(shapes[:-1], key=lambda item: item[1][0] * item[1][1])  # the output layer aside
         for dtype, layout in runs:
-            timings = kernel_choice.time_kernels(shape, dtype, kernel_choice.candidates(torch.device("cpu"), dtype, layout),
-                                                 batches=(prefill,))
+            if layout == "int8":  # the int8 layers' prefill kernels
+                timings = kernel_choice.time_prefill(shape, dtype, kernel_choice.candidates(torch.device("cpu"), dtype,
+                                                                                            "int8-prefill"), rows=(prefill,))
+            else:
+                timings = kernel_choice.time_kernels(shape, dtype, kernel_choice.candidates(torch.device("cpu"), dtype, layout),
+                                                     batches=(prefill,))
             cells = "   ".join(f"{k} {1000 * t[prefill]:7.2f} ms {2 * prefill * shape[0] * shape[1] / t[prefill] / 1e9:6.0f} GFLOP/s"
                                for k, t in timings.items())
             print(f"{str(dtype).removeprefix('torch.') + (' int8' if layout == 'int8' else ''):<13} {shape[0]}x{shape[1]} "
                   f"({names}): {cells}")
     print(f"\ncache      {kernel_choice.cache_path()} (${kernel_choice.CACHE_ENV}); override with "
-          f"${kernel_choice.KERNELS_ENV}=dense|gemv|packed|int8|int8-fp32|int8-gemv[,sdpa|native-attention] or Llama.build(kernels=...)")
+          f"${kernel_choice.KERNELS_ENV}=dense|gemv|packed|int8|int8-fp32|int8-gemv[,prefill-int8mm|prefill-dequantized]"
+          f"[,sdpa|native-attention] or Llama.build(kernels=...)")
     return 0
 
 

@@ -19,6 +19,11 @@ fastest is kept:
   ``int8-gemv`` (our AVX512-VNNI kernel, or AVX2 on CPUs without VNNI,
   :func:`llama.native.int8_linear`, where it builds).
 
+The prefill of int8 layers (more rows than a decode step: compute-bound) is chosen the same way,
+timed at :data:`PREFILL_ROWS` rows (layout ``"int8-prefill"``): ``prefill-int8mm`` (torch's
+int8 matmul, what the int8 kernels run by default) or ``prefill-dequantized`` (blocks of rows
+dequantized by our kernel, then oneDNN's GEMM: :func:`llama.linear_kernels.int8_prefill_dequantized`).
+
 The decode step's attention is chosen the same way (layout ``"attention"``, shape heads x
 kv heads x head size x the positions it is timed over): ``sdpa`` (torch's
 ``scaled_dot_product_attention``) or ``native-attention`` (:func:`llama.native.decode_attention`,
@@ -75,8 +80,9 @@ _MAX_TIMED_ELEMENTS = 1 << 26  # larger weights (e.g. the output layer) are time
 # busy processes at 0.48, and it picked dense where packed is 1.8x faster.
 QUIET_SHARE = 0.75
 ATTENTION_KERNELS = ("sdpa", "native-attention")  # the decode step's attention (llama.model.Attention.decode_attention)
-NATIVE_KERNELS = ("gemv", "int8-gemv", "native-attention")  # ours: llama.native
+NATIVE_KERNELS = ("gemv", "int8-gemv", "native-attention", "prefill-dequantized")  # ours: llama.native
 ATTENTION_KV_LEN = 512  # cached positions the decode attention is timed over (fewer where the cache holds fewer)
+PREFILL_ROWS = (32, 128)  # the rows an int8 layer's prefill kernels are timed at (layout "int8-prefill")
 
 # The CPU flags that decide which kernels are fast (x86 /proc/cpuinfo names; ARM "Features").
 FLAGS = (
@@ -274,9 +280,14 @@ def read_bandwidth(device: torch.device = torch.device("cpu"), repeats: int = 7,
 
 
 def candidates(device: torch.device, dtype: torch.dtype, layout: str) -> List[str]:
-    """Kernel names that can run a ``layout`` (``"float"`` or ``"int8"``) weight of a ``dtype`` model on ``device``;
-    the layout's default first."""
+    """Kernel names that can run a ``layout`` (``"float"``, ``"int8"``, or ``"int8-prefill"``: an int8
+    weight's prefill) weight of a ``dtype`` model on ``device``; the layout's default first."""
     cpu = torch.device(device).type == "cpu"
+    if layout == "int8-prefill":
+        names = ["prefill-int8mm"]
+        if cpu and native.dequantize_available(dtype, cpu_facts()["flags"]):
+            names.append("prefill-dequantized")
+        return names
     if layout == "int8":
         names = ["int8", "int8-fp32"] if cpu and dtype == torch.float32 else ["int8"]
         if cpu and native.int8_available(dtype, cpu_facts()["flags"]):
@@ -425,6 +436,41 @@ def time_kernels(
     return {name: {b: t * scale for b, t in per.items()} for name, per in best.items()}
 
 
+def time_prefill(
+    shape: Tuple[int, int],
+    dtype: torch.dtype,
+    names: List[str],
+    rows: Iterable[int] = PREFILL_ROWS,
+    seed: int = 0,
+    usage: Optional[Dict[str, float]] = None,
+) -> Dict[str, Dict[int, float]]:
+    """Seconds per call of each int8 prefill kernel of ``names`` (:data:`llama.linear_kernels.PREFILL_KERNELS`)
+    on a random int8 ``shape`` weight, per number of ``rows``: compute-bound, so one copy of the
+    weight (the first rows of one above ``_MAX_TIMED_ELEMENTS``, as :func:`time_kernels`)."""
+    timed_rows = min(shape[0], max(64, _MAX_TIMED_ELEMENTS // shape[1]))
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randint(-127, 128, (timed_rows, shape[1]), dtype=torch.int8, generator=gen)
+    scales = torch.rand(timed_rows, generator=gen) / 1000
+    rows = list(rows)
+    inputs = {r: torch.rand(r, shape[1], generator=gen).to(dtype) for r in rows}
+
+    def one_pass(name: str, r: int) -> float:  # seconds per call, over a few milliseconds of calls
+        calls, start = 0, time.perf_counter()
+        while True:
+            if name == "prefill-int8mm":
+                linear_kernels.int8_linear(inputs[r], weight, scales)
+            else:
+                linear_kernels.int8_prefill_dequantized(inputs[r], weight, scales)
+            calls += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= _ROUND_S / 4:
+                return elapsed / calls
+
+    best = _best_of_rounds(one_pass, names, rows, usage)
+    scale = shape[0] / timed_rows
+    return {name: {r: t * scale for r, t in per.items()} for name, per in best.items()}
+
+
 def _give_back_freed_memory() -> None:
     """glibc keeps freed blocks below its mmap threshold (up to 32 MiB) in the heap: return them
     to the system, so the random weights of the measurement leave no resident memory behind."""
@@ -465,16 +511,18 @@ def pick(timings: Dict[str, Dict[int, float]], default: str) -> str:
 def parse_override(text: Optional[str], what: str = KERNELS_ENV) -> Dict[str, str]:
     """``"auto"`` (or empty) -> {}; else a comma-separated list of kernel names, at most one
     per layout: ``dense``, ``gemv`` or ``packed`` for float weights, ``int8``, ``int8-fp32`` or
-    ``int8-gemv`` for int8 ones, ``sdpa`` or ``native-attention`` for the decode attention. Returns {layout:
+    ``int8-gemv`` for int8 ones, ``prefill-int8mm`` or ``prefill-dequantized`` for int8 ones'
+    prefill, ``sdpa`` or ``native-attention`` for the decode attention. Returns {layout:
     name}; a layout not named is still measured."""
     override: Dict[str, str] = {}
     if not text or text.strip().lower() == "auto":
         return override
     for name in (n.strip().lower() for n in text.split(",") if n.strip()):
-        if name not in linear_kernels.KERNELS and name not in ATTENTION_KERNELS:
-            known = sorted(linear_kernels.KERNELS) + list(ATTENTION_KERNELS)
+        if name not in linear_kernels.KERNELS and name not in ATTENTION_KERNELS and name not in linear_kernels.PREFILL_KERNELS:
+            known = sorted(linear_kernels.KERNELS) + list(ATTENTION_KERNELS) + list(linear_kernels.PREFILL_KERNELS)
             raise ValueError(f"{what}: unknown kernel {name!r}; use 'auto' or some of {known}")
-        layout = "attention" if name in ATTENTION_KERNELS else "int8" if name.startswith("int8") else "float"
+        layout = ("attention" if name in ATTENTION_KERNELS else "int8-prefill" if name in linear_kernels.PREFILL_KERNELS
+                  else "int8" if name.startswith("int8") else "float")
         if layout in override:
             raise ValueError(f"{what}: {override[layout]!r} and {name!r} are both for {layout} weights; name one")
         override[layout] = name
@@ -504,14 +552,19 @@ def check_override(
     if told_by != KERNELS_ENV:
         if override.get("float") == "packed" and quantize is not None:
             raise ValueError(f"{told_by} packed and quantize= exclude each other: int8 layers have their own kernels")
-        if "int8" in override and quantize is None:
-            raise ValueError(f"{told_by} {override['int8']!r} is for quantize='int8' models")
+        for key in ("int8", "int8-prefill"):
+            if key in override and quantize is None:
+                raise ValueError(f"{told_by} {override[key]!r} is for quantize='int8' models")
     if override.get("attention") == "native-attention":
         why = "it is for models on the CPU" if torch.device(device).type != "cpu" else native.unavailable(
             dtype, cpu_facts()["flags"])
         if why:
             raise ValueError(f"{told_by} 'native-attention' cannot run {dtype} here: {why}; use sdpa, or 'auto'")
-    override = {k: v for k, v in override.items() if k in (layout, "attention")}
+    override = {k: v for k, v in override.items() if k in (layout, "attention") or (k == "int8-prefill" and quantize)}
+    if "int8-prefill" in override and override["int8-prefill"] not in candidates(device, dtype, "int8-prefill"):
+        raise ValueError(f"{told_by} {override['int8-prefill']!r} cannot run here (possible: "
+                         f"{candidates(device, dtype, 'int8-prefill')}): it needs our native kernels on an x86-64 CPU "
+                         f"({native.unavailable(dtype, cpu_facts()['flags']) or 'and float32 or bfloat16'})")
     names = candidates(device, dtype, layout)
     if layout in override and override[layout] not in names:
         raise ValueError(
@@ -678,7 +731,8 @@ def choose(
             why = "compile: Inductor picks" if compile and len(names) > 1 else "only candidate"
             plan.choices[(layout, *shape)] = Choice(names[0], why)
             continue
-        facts = decision_facts(dtype, layout, shape, names, resident, tuple(batches))
+        timed_at = PREFILL_ROWS if layout == "int8-prefill" else tuple(batches)
+        facts = decision_facts(dtype, layout, shape, names, resident and layout != "int8-prefill", timed_at)
         key = json.dumps(facts, sort_keys=True)
         if use_cache and entries is None:
             entries = _load_cache(path)
@@ -688,6 +742,8 @@ def choose(
             continue
         if layout == "attention":
             seconds = time_attention(shape, dtype, names, batches, usage=usage)
+        elif layout == "int8-prefill":
+            seconds = time_prefill(shape, dtype, names, PREFILL_ROWS, usage=usage)
         else:
             seconds = time_kernels(shape, dtype, names, batches, stream_bytes=stream, usage=usage)
         timings_ms = {n: {b: round(1000 * t, 4) for b, t in per.items()} for n, per in seconds.items()}
@@ -833,6 +889,7 @@ def plan_for(
     batches = decode_batches(getattr(getattr(model, "params", None), "max_batch_size", None))
     attention = attention_shape(model)
     extra = [("attention", attention)] if attention is not None else []
+    extra += [("int8-prefill", shape) for kind, shape in shapes if kind == "int8"]
     plan = choose(shapes + extra, device, dtype, override, stream_bytes=nbytes, compile=compile, batches=batches)
     n_layers = len(getattr(model, "layers", ()))
     if compile or not n_layers:  # compiled: the step is a graph (or, all ours, one native call anyway)
@@ -856,8 +913,12 @@ def apply(model: nn.Module, plan: Plan, on_packed=None) -> int:
         kernel = plan.kernel("attention", attention)
         model.use_decode_attention(kernel)  # the native one brings its fused RoPE (in Attention) and RMSNorm
     for name, layer in linear_layers(model):
-        want = plan.kernel(_layout_class(layer.weight, False), tuple(layer.weight.shape))
+        layout = _layout_class(layer.weight, False)
+        want = plan.kernel(layout, tuple(layer.weight.shape))
         have = linear_kernels.name_of(layer.kernel)
+        if layout == "int8":  # its prefill's kernel (linear_kernels._prefill), where one was chosen
+            prefill = plan.choices.get(("int8-prefill", *layer.weight.shape))
+            layer.prefill = prefill.kernel if prefill is not None else None
         if want == have:
             continue
         if want == "packed":

@@ -20,6 +20,7 @@ quantization all depend on it and not on each other.
 """
 
 import functools
+import threading
 import weakref
 from typing import Callable, Dict, List, Optional
 
@@ -164,14 +165,90 @@ def int8_linear(
     return F.linear(x, weight.to(x.dtype)) * scales.to(x.dtype)
 
 
+# The prefill of an int8 layer (more than native.MAX_ROWS rows): "prefill-int8mm", its kernel's own product
+# (int8_linear), or "prefill-dequantized" (int8_prefill_dequantized); llama.kernel_choice measures which.
+PREFILL_KERNELS = ("prefill-int8mm", "prefill-dequantized")
+_DEQUANTIZED_BLOCK_BYTES = 32 << 20  # the most a block of dequantized rows holds (kept per thread, reused)
+_scratch = threading.local()
+
+
+def prefill_compute_dtype(dtype: torch.dtype, fp32_activations: bool = False) -> torch.dtype:
+    """The dtype :func:`int8_prefill_dequantized` multiplies in for activations of ``dtype``: bfloat16
+    for float32 ones where oneDNN takes bfloat16 (as :func:`int8_linear` does for its int8 matmul),
+    unless ``fp32_activations`` (the ``int8-fp32`` kernel's layers); else ``dtype``."""
+    if dtype == torch.float32 and not fp32_activations and _onednn_takes_dense(torch.bfloat16):
+        return torch.bfloat16
+    return dtype
+
+
+def int8_prefill_dequantized(
+    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, compute_dtype: Optional[torch.dtype] = None
+) -> torch.Tensor:
+    """``x @ (weight * scales[:, None]).T`` for the many rows of a prefill, in x's dtype: blocks of the
+    int8 ``weight``'s rows are dequantized into ``compute_dtype`` (default: :func:`prefill_compute_dtype`;
+    :func:`llama.native.dequantize_int8`, at memory speed, into a buffer of at most 32 MiB reused
+    from call to call), each multiplied by oneDNN's GEMM (``F.linear`` where oneDNN does not take
+    the dtype).
+
+    Why: a prefill is compute-bound, and torch's int8 matmul (``_weight_int8pack_mm``) ran at
+    210-310 GFLOP/s where oneDNN's bfloat16 GEMM ran at 660-800 on a Zen 5 EPYC at 128-512 rows
+    (float32: about 400); the dequantization reads 1 and writes 2-4 bytes per weight, once per
+    call. Where the dequantized path is faster is measured per machine and shape
+    (:mod:`llama.kernel_choice`, ``"prefill-dequantized"``). Needs :func:`llama.native.dequantizes`.
+    """
+    out_features, in_features = weight.shape
+    shape, dtype = x.shape, x.dtype
+    compute = compute_dtype or prefill_compute_dtype(dtype)
+    x2 = x.reshape(-1, in_features).to(compute)  # (..., in) -> (rows, in)
+    scales = scales.float()
+    rows_per_block = max(1, min(out_features, _DEQUANTIZED_BLOCK_BYTES // (in_features * x2.element_size())))
+    buffer = getattr(_scratch, "buffers", {}).get(compute)
+    if buffer is None or buffer.numel() < rows_per_block * in_features:
+        buffer = torch.empty(rows_per_block * in_features, dtype=compute)
+        _scratch.buffers = {**getattr(_scratch, "buffers", {}), compute: buffer}
+    product = _pointwise if _onednn_takes_dense(compute) else F.linear
+    y = None
+    for start in range(0, out_features, rows_per_block):
+        stop = min(start + rows_per_block, out_features)
+        block = buffer[: (stop - start) * in_features].view(stop - start, in_features)
+        native.dequantize_int8(weight[start:stop], scales[start:stop], block)
+        part = product(x2, block)  # (rows, stop - start)
+        if stop - start == out_features:
+            y = part
+        else:
+            if y is None:
+                y = x2.new_empty((x2.shape[0], out_features))
+            y[:, start:stop] = part
+    return y.to(dtype).view(*shape[:-1], out_features)
+
+
+def _prefill(x: torch.Tensor, layer: nn.Module) -> Optional[torch.Tensor]:
+    """The product of an int8 layer by :func:`int8_prefill_dequantized`, where its plan says so and
+    ``x`` has more rows than a decode step (None: the layer's kernel takes it)."""
+    if (  # eager first: under torch.compile the sizes may be symbols
+        getattr(layer, "prefill", None) == "prefill-dequantized"
+        and not torch.compiler.is_compiling()
+        and x.device.type == "cpu"
+        and x.numel() > native.MAX_ROWS * x.shape[-1]
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and x.dtype in (torch.float32, torch.bfloat16)
+    ):
+        compute = prefill_compute_dtype(x.dtype, fp32_activations=layer.kernel is int8_fp32)
+        if native.dequantizes(layer.weight, compute):
+            return int8_prefill_dequantized(x, layer.weight, layer.scales, compute)
+    return None
+
+
 def int8(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """``x @ W.T`` for an int8 ``layer.weight`` with per-output-row ``layer.scales``."""
-    return int8_linear(x, layer.weight, layer.scales)
+    y = _prefill(x, layer)
+    return y if y is not None else int8_linear(x, layer.weight, layer.scales)
 
 
 def int8_fp32(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """:func:`int8` with float32 activations (float32 scales) on the CPU."""
-    return int8_linear(x, layer.weight, layer.scales, torch.float32)
+    y = _prefill(x, layer)
+    return y if y is not None else int8_linear(x, layer.weight, layer.scales, torch.float32)
 
 
 def int8_gemv(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
@@ -180,7 +257,8 @@ def int8_gemv(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     for up to ``native.MAX_ROWS`` rows (decode), :func:`int8_linear` for more (prefill)."""
     if native.covers_int8(x, layer.weight, layer.scales):
         return native.run_int8_linear(x, layer.weight, layer.scales)
-    return int8_linear(x, layer.weight, layer.scales)
+    y = _prefill(x, layer)
+    return y if y is not None else int8_linear(x, layer.weight, layer.scales)
 
 
 # ----------------------------------------------------------------------------- names and layouts

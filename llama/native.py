@@ -101,8 +101,12 @@ _INT8_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]  # x,
 _NORM_ARGS = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]  # x, w, y, rows, dim, eps
 _ROPE_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5  # x, cos, sin, y, B, S, H, D, cos rows
 _STEP_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]  # model, tokens, positions, rows, M, logits, threads
-# dtype -> (RMSNorm, RoPE) entry points (AVX2 objects: every CPU that has any of the kernels)
-ELEMENTWISE_ENTRIES = {torch.float32: ("llama_rms_norm_f32", "llama_rope_f32"), torch.bfloat16: ("llama_rms_norm_bf16", "llama_rope_bf16")}
+# dtype -> (RMSNorm, RoPE, int8 dequantization) entry points (AVX2 objects: every CPU that has any of the kernels)
+ELEMENTWISE_ENTRIES = {
+    torch.float32: ("llama_rms_norm_f32", "llama_rope_f32", "llama_dequantize_i8_f32"),
+    torch.bfloat16: ("llama_rms_norm_bf16", "llama_rope_bf16", "llama_dequantize_i8_bf16"),
+}
+_DEQUANTIZE_ARGS = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]  # w, scales, y, N, K, threads
 
 
 class Entries(NamedTuple):
@@ -170,8 +174,8 @@ def _torch_openmp() -> Optional[str]:
 _ENTRIES: Dict[torch.dtype, Entries] = {}
 # activation dtype -> the int8 kernel that int8_linear() calls (same)
 _INT8: Dict[torch.dtype, Callable] = {}
-# dtype -> (RMSNorm, RoPE) that rms_norm() and rope() call (same)
-_ELEMENTWISE: Dict[torch.dtype, Tuple[Callable, Callable]] = {}
+# dtype -> (RMSNorm, RoPE, dequantization) that rms_norm(), rope() and dequantize_int8() call (same)
+_ELEMENTWISE: Dict[torch.dtype, Tuple[Callable, Callable, Callable]] = {}
 # activation dtype -> the whole decode step with int8 weights (llama.native_step) (same)
 _INT8_DECODE_STEP: Dict[torch.dtype, Callable] = {}
 
@@ -241,13 +245,14 @@ def _load(flags: frozenset) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dtype, En
             if dtype not in int8 and hasattr(lib, name):
                 int8[dtype] = getattr(lib, name)
                 int8[dtype].argtypes, int8[dtype].restype = _INT8_ARGS, None
-    elementwise: Dict[torch.dtype, Tuple[Callable, Callable]] = {}
+    elementwise: Dict[torch.dtype, Tuple[Callable, Callable, Callable]] = {}
     for dtype, names in ELEMENTWISE_ENTRIES.items():
         if all(hasattr(lib, name) for name in names):
-            norm_fn, rope_fn = (getattr(lib, name) for name in names)
+            norm_fn, rope_fn, dequantize_fn = (getattr(lib, name) for name in names)
             norm_fn.argtypes, norm_fn.restype = _NORM_ARGS, None
             rope_fn.argtypes, rope_fn.restype = _ROPE_ARGS, None
-            elementwise[dtype] = (norm_fn, rope_fn)
+            dequantize_fn.argtypes, dequantize_fn.restype = _DEQUANTIZE_ARGS, None
+            elementwise[dtype] = (norm_fn, rope_fn, dequantize_fn)
     int8_step: Dict[torch.dtype, Callable] = {}
     for isa in (isa for isa in INT8_STEP_ENTRIES if isa in isas):
         for dtype, name in INT8_STEP_ENTRIES[isa].items():
@@ -383,6 +388,12 @@ def linear_many(x: torch.Tensor, weights) -> list:
     return run_linear_many(x, weights)  # covers() checked x's size against each weight's inner size
 
 
+def dequantize_available(dtype: torch.dtype, flags: Iterable[str]) -> bool:
+    """Whether :func:`dequantize_int8` has a kernel for ``dtype`` on a CPU with ``flags``."""
+    _library(flags)
+    return dtype in _ELEMENTWISE
+
+
 def int8_available(dtype: torch.dtype, flags: Iterable[str]) -> bool:
     """Whether :func:`int8_linear` has a kernel of its own for a ``dtype`` model on a CPU with ``flags``
     (AVX512-VNNI, else AVX2)."""
@@ -438,6 +449,28 @@ def _eager_cpu(*tensors: torch.Tensor) -> bool:
         and all(t.device.type == "cpu" for t in tensors)
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
     )
+
+
+def dequantizes(weight: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether :func:`dequantize_int8` takes an int8 ``weight`` (out, in) into ``dtype`` (float32
+    or bfloat16; the AVX2 kernels, which every CPU with any of ours has)."""
+    return (
+        _eager_cpu(weight) and dtype in _ELEMENTWISE and weight.dtype == torch.int8 and weight.dim() == 2
+        and weight.is_contiguous()
+    )
+
+
+def dequantize_int8(weight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out[:] = weight * scales[:, None]`` for int8 ``weight`` (out, in) and float32 ``scales`` (out,):
+    the product in float32, rounded to ``out``'s dtype (float32 or bfloat16) as torch rounds;
+    ``out``: contiguous, of ``weight``'s shape. Needs :func:`dequantizes` (``ValueError`` otherwise)."""
+    if not (dequantizes(weight, out.dtype) and scales.dtype == torch.float32 and scales.shape == weight.shape[:1]
+            and scales.is_contiguous() and out.shape == weight.shape and out.is_contiguous()):
+        raise ValueError(f"cannot dequantize a {tuple(weight.shape)} {weight.dtype} weight with {scales.dtype} scales "
+                         f"into {tuple(out.shape)} {out.dtype}")
+    _ELEMENTWISE[out.dtype][2](weight.data_ptr(), scales.data_ptr(), out.data_ptr(), weight.shape[0], weight.shape[1],
+                               torch.get_num_threads())
+    return out
 
 
 def norms(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from llama import kernel_choice
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -26,7 +30,10 @@ def test_doctor_prints_every_section(tmp_path, tiny_checkpoint):
     # every distinct shape of the tiny model (dim 64, hidden 192, vocab 320) gets a pick
     for shape in ("64x64", "192x64", "64x192", "320x64"):
         assert shape in out, out
-    assert out.count("->") == 3 * 4 + 2  # and the decode attention, for each float dtype
+    # and the decode attention, for each float dtype, and the int8 weights' prefill, for each shape
+    assert out.count("->") == 3 * 4 + 2 + 4 and out.count("  prefill ") == 4
+    dequantized = "prefill-dequantized" in kernel_choice.candidates(torch.device("cpu"), torch.float32, "int8-prefill")
+    assert ("prefill-dequantized" in out) == dequantized
     assert out.count("attention: 4 heads, 4 kv heads of 16") == 2
     assert out.count("decode step: ") == 3  # one native call, or the model's modules and why, per run
     assert (tmp_path / "kernels.json").exists()

@@ -92,6 +92,10 @@ def test_pack_weights_is_an_override():
 def test_parse_override():
     assert kernel_choice.parse_override(None) == {} and kernel_choice.parse_override("auto") == {}
     assert kernel_choice.parse_override("packed, int8-fp32") == {"float": "packed", "int8": "int8-fp32"}
+    assert kernel_choice.parse_override("int8-gemv,prefill-dequantized") == {"int8": "int8-gemv",
+                                                                              "int8-prefill": "prefill-dequantized"}
+    with pytest.raises(ValueError, match="name one"):
+        kernel_choice.parse_override("prefill-int8mm,prefill-dequantized")
     with pytest.raises(ValueError, match="unknown kernel"):
         kernel_choice.parse_override("fast")
     with pytest.raises(ValueError, match="name one"):
@@ -103,10 +107,50 @@ def test_build_override_must_apply_env_override_need_not():
         kernel_choice.check_override("packed", None, CPU, torch.float32, "int8")
     with pytest.raises(ValueError, match="quantize='int8'"):
         kernel_choice.check_override("int8", None, CPU, torch.float32, None)
+    with pytest.raises(ValueError, match="quantize='int8'"):
+        kernel_choice.check_override("prefill-int8mm", None, CPU, torch.float32, None)
     unpackable = [d for d in (torch.float16, torch.bfloat16) if not packing_supported(CPU, d)]
     if unpackable:
         with pytest.raises(ValueError, match="float32 on the CPU"):
             kernel_choice.check_override(None, True, CPU, unpackable[0], None)
+
+
+def test_int8_prefill_is_measured_cached_and_overridable(private_cache, monkeypatch):
+    """An int8 model's prefill kernel: timed at PREFILL_ROWS rows once per shape and cached, given to
+    every layer by apply; an override measures nothing."""
+    if "prefill-dequantized" not in kernel_choice.candidates(CPU, torch.float32, "int8-prefill"):
+        pytest.skip("no native dequantization here: prefill-int8mm is the only candidate")
+    calls = []
+
+    def fake(shape, dtype, names, rows=kernel_choice.PREFILL_ROWS, seed=0, usage=None):
+        calls.append((shape, tuple(rows)))
+        return {n: {r: (1.0 if n == "prefill-dequantized" else 3.0) * 1e-3 for r in rows} for n in names}
+
+    monkeypatch.setattr(kernel_choice, "time_prefill", fake)
+    monkeypatch.setattr(kernel_choice, "QUIET_SHARE", 0.0)
+    for round in ("measured", "cached"):
+        _, m = model()
+        quantize_model(m)
+        plan = kernel_choice.plan_for(m, CPU, torch.float32, {"int8": "int8", "attention": "sdpa"})
+        kernel_choice.apply(m, plan)
+        prefill = {key: c for key, c in plan.choices.items() if key[0] == "int8-prefill"}
+        shapes = {tuple(layer.weight.shape) for _, layer in linear_layers(m)}
+        assert {key[1:] for key in prefill} == shapes and {c.source for c in prefill.values()} == {round}
+        assert {layer.prefill for _, layer in linear_layers(m)} == {"prefill-dequantized"}
+        assert len(calls) == len(shapes) and all(rows == kernel_choice.PREFILL_ROWS for _, rows in calls)
+    # a prompt runs it in every layer; a decode step (2 rows) runs the layers' own kernel
+    ran, real = [], linear_kernels.int8_prefill_dequantized
+    monkeypatch.setattr(linear_kernels, "int8_prefill_dequantized", lambda *a: ran.append(a[1].shape) or real(*a))
+    with torch.inference_mode():
+        m.forward(torch.ones(2, 20, dtype=torch.long), 0)
+        assert sorted(ran) == sorted(tuple(layer.weight.shape) for _, layer in linear_layers(m))
+        m.forward(torch.ones(2, 1, dtype=torch.long), 20)
+    assert len(ran) == len(list(linear_layers(m)))
+    override = kernel_choice.check_override("int8,prefill-int8mm,sdpa", None, CPU, torch.float32, "int8")
+    plan = kernel_choice.plan_for(m, CPU, torch.float32, override)
+    kernel_choice.apply(m, plan)
+    assert {layer.prefill for _, layer in linear_layers(m)} == {"prefill-int8mm"}
+    assert {c.source for c in plan.choices.values()} == {"override"} and len(calls) == len(shapes)
 
 
 def test_env_override_for_a_layout_the_model_lacks_is_ignored(monkeypatch):
@@ -312,8 +356,9 @@ def every_pickable():
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 0.03)):
         for name in kernel_choice.candidates(CPU, dtype, "float"):
             cases.append((dtype, False, name, tol))
-    for name in kernel_choice.candidates(CPU, torch.float32, "int8"):
-        cases.append((torch.float32, True, name, 0.05))
+    for name in kernel_choice.candidates(CPU, torch.float32, "int8"):  # each with each way to prefill
+        for prefill in kernel_choice.candidates(CPU, torch.float32, "int8-prefill"):
+            cases.append((torch.float32, True, f"{name},{prefill}", 0.05))
     return cases
 
 
@@ -327,9 +372,14 @@ def test_every_kernel_gives_dense_float32_logits(config, dtype, quantized, kerne
     _, m = model(config, dtype)
     if quantized:
         quantize_model(m)
-    plan = kernel_choice.choose(kernel_choice.plan_shapes(m), CPU, dtype, {"int8" if quantized else "float": kernel})
-    kernel_choice.apply(m, plan)
+    override = kernel_choice.parse_override(kernel)
+    shapes = kernel_choice.plan_shapes(m)
+    prefill = [("int8-prefill", shape) for layout, shape in shapes if layout == "int8"]
+    kernel_choice.apply(m, kernel_choice.choose(shapes + prefill, CPU, dtype, override))
+    kernel = override["int8" if quantized else "float"]
     assert kernels_of(m) == {kernel} and is_packed(m) == (kernel == "packed")
+    if quantized:  # the prompt (48 rows) runs the layers' prefill kernel
+        assert {layer.prefill for _, layer in linear_layers(m)} == {override["int8-prefill"]}
     with torch.inference_mode():
         got = m.forward(tokens, 0)
     err = rel_error(got, want)

@@ -227,6 +227,41 @@ def test_int8_kernel_equals_the_dequantized_product(dtype, isa):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda v: str(v).removeprefix("torch."))
+def test_dequantized_int8_weights_are_torchs_product_bit_for_bit(dtype):
+    need(dtype)
+    gen = torch.Generator().manual_seed(0)
+    for rows, cols in [(1, 16), (5, 40), (37, 768)]:  # 40: a tail after the vectors of 16
+        w = torch.randint(-127, 128, (rows, cols), dtype=torch.int8, generator=gen)
+        scales = torch.rand(rows, generator=gen) / 100
+        out = torch.full((rows, cols), float("nan"), dtype=dtype)
+        assert native.dequantize_int8(w, scales, out) is out
+        assert torch.equal(out, (w.float() * scales[:, None]).to(dtype))
+    with pytest.raises(ValueError, match="cannot dequantize"):
+        native.dequantize_int8(w, scales.bfloat16(), out)  # the kernel reads float32 scales
+    with pytest.raises(ValueError, match="cannot dequantize"):
+        native.dequantize_int8(w, scales, torch.empty(rows, cols + 1, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda v: str(v).removeprefix("torch."))
+def test_int8_prefill_on_dequantized_blocks_equals_the_dequantized_product(dtype, monkeypatch):
+    from llama.quantize import quantize_weight
+
+    need(dtype)
+    gen = torch.Generator().manual_seed(1)
+    q, scales = quantize_weight(torch.randn(200, 128, generator=gen), scale_dtype=torch.float32)
+    x = torch.randn(3, 24, 128, generator=gen).to(dtype)
+    want = x.double() @ (q.double() * scales.double()[:, None]).T
+    # one block; then blocks of 64 rows (the last one short), which fill slices of the output
+    for block_bytes in (32 << 20, 64 * 128 * 4):
+        monkeypatch.setattr(linear_kernels, "_DEQUANTIZED_BLOCK_BYTES", block_bytes)
+        for compute in (dtype, torch.bfloat16):
+            got = linear_kernels.int8_prefill_dequantized(x, q, scales, compute)
+            assert got.dtype == dtype and got.shape == (3, 24, 200)
+            tol = 1e-5 if compute == torch.float32 else 1e-2
+            assert ((got.double() - want).norm() / want.norm()).item() < tol, (block_bytes, compute)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda v: str(v).removeprefix("torch."))
 def test_fused_norm_and_rope_equal_the_model_math(dtype, monkeypatch):
     from llama.model import RMSNorm, apply_rotary_emb, precompute_rope
 
