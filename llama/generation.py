@@ -99,7 +99,8 @@ class Llama:
                 one per kind: ``"dense"``, ``"gemv"`` (our matrix-vector kernels on the dense
                 weights, :mod:`llama.native`) or ``"packed"`` for float weights; ``"int8"``,
                 ``"int8-fp32"`` (float32 activations) or ``"int8-gemv"`` (AVX512-VNNI or AVX2) for
-                ``quantize="int8"``; ``"sdpa"`` or ``"native-attention"`` for the decode
+                ``quantize="int8"``, and ``"prefill-int8mm"`` or ``"prefill-dequantized"`` for
+                those layers' prefill; ``"sdpa"`` or ``"native-attention"`` for the decode
                 step's attention; or ``"auto"``. Default (``None``): ``$LLAMA_KERNELS`` if
                 set, else ``"auto"``: on the CPU, each shape gets the kernel measured fastest
                 on this machine at the decode batch sizes the model runs (1, and up to 8
