@@ -240,7 +240,8 @@ def _prefill(x: torch.Tensor, layer: nn.Module) -> Optional[torch.Tensor]:
 
 
 def int8(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """``x @ W.T`` for an int8 ``layer.weight`` with per-output-row ``layer.scales``."""
+    """``x @ W.T`` for an int8 ``layer.weight`` with per-output-row ``layer.scales``: :func:`int8_linear`,
+    or for a prefill the layer's prefill kernel (``layer.prefill``, see :func:`int8_prefill_dequantized`)."""
     y = _prefill(x, layer)
     return y if y is not None else int8_linear(x, layer.weight, layer.scales)
 
@@ -254,7 +255,7 @@ def int8_fp32(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
 def int8_gemv(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """``x @ W.T`` for an int8 ``layer.weight`` with float32 per-output-row ``layer.scales``: our
     AVX512-VNNI or AVX2 kernel (:func:`llama.native.int8_linear`, activations quantized in blocks of 32)
-    for up to ``native.MAX_ROWS`` rows (decode), :func:`int8_linear` for more (prefill)."""
+    for up to ``native.MAX_ROWS`` rows (decode); for more (prefill), as :func:`int8`."""
     if native.covers_int8(x, layer.weight, layer.scales):
         return native.run_int8_linear(x, layer.weight, layer.scales)
     y = _prefill(x, layer)
