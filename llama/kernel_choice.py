@@ -675,7 +675,8 @@ class Plan:
         """One line: each kernel with the shapes it runs, and why."""
         parts = []
         for (layout, *shape), c in self.choices.items():
-            parts.append(f"{'attention ' if layout == 'attention' else ''}{'x'.join(map(str, shape))}: {c.kernel} ({c.source})")
+            what = {"attention": "attention ", "int8-prefill": "prefill "}.get(layout, "")
+            parts.append(f"{what}{'x'.join(map(str, shape))}: {c.kernel} ({c.source})")
         return f"{self.dtype}: " + ", ".join(parts)
 
 
