@@ -135,7 +135,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
-        self.fused = False  # decode rows in one native call (llama.native.rms_norm); set by Transformer.use_decode_attention
+        self.fused = False  # in one native call (llama.native.rms_norm); set by Transformer.use_decode_attention
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -163,7 +163,7 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fuse
     x: (bsz, seqlen, n_heads, head_dim); cos, sin: (bsz or 1, seqlen, head_dim/2), the
     angles of each token's own position (rows of a batch may sit at different positions).
     Meta's layout pairs adjacent features (Hugging Face's permutes them into halves).
-    ``fused``: decode rows in one native call (:func:`llama.native.rope`), where it applies.
+    ``fused``: in one native call (:func:`llama.native.rope`), where it applies.
     """
     if fused and native.ropes(x, cos, sin):  # the same math in one call: llama/csrc/norm_rope.cpp
         return native.rope(x, cos, sin)

@@ -98,8 +98,8 @@ MAX_MANY = 8  # weights per linear_many call
 # q, k, v, out, lengths, B, H, KVH, S, D, scale, threads
 _ATTENTION_ARGS = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int]
 _INT8_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]  # x, w, w_scale, y, M, N, K, threads
-_NORM_ARGS = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]  # x, w, y, rows, dim, eps
-_ROPE_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5  # x, cos, sin, y, B, S, H, D, cos rows
+_NORM_ARGS = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]  # x, w, y, rows, dim, eps, threads
+_ROPE_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_int]  # x, cos, sin, y, B, S, H, D, cos rows, threads
 _STEP_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]  # model, tokens, positions, rows, M, logits, threads
 # dtype -> (RMSNorm, RoPE, int8 dequantization) entry points (AVX2 objects: every CPU that has any of the kernels)
 ELEMENTWISE_ENTRIES = {
@@ -474,11 +474,11 @@ def dequantize_int8(weight: torch.Tensor, scales: torch.Tensor, out: torch.Tenso
 
 
 def norms(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether :func:`rms_norm` takes ``x`` (..., dim) with this ``weight`` (dim,): at most
-    :data:`MAX_ROWS` rows (decode; the kernel runs on one thread, torch's prefill on all)."""
+    """Whether :func:`rms_norm` takes ``x`` (..., dim) with this ``weight`` (dim,) (a decode step's
+    rows on the calling thread; a prefill's many shared among torch's threads)."""
     return (  # eager first: under torch.compile the sizes may be symbols that cannot be compared
         _eager_cpu(x, weight) and x.dtype in _ELEMENTWISE and weight.dtype == x.dtype and x.dim() >= 1
-        and weight.shape == x.shape[-1:] and x.shape[-1] % 8 == 0 and 0 < x.numel() // x.shape[-1] <= MAX_ROWS
+        and weight.shape == x.shape[-1:] and x.shape[-1] % 8 == 0 and x.numel() > 0
         and x.is_contiguous() and weight.is_contiguous()
     )
 
@@ -488,16 +488,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     Needs :func:`norms`."""
     y = torch.empty_like(x)
     dim = x.shape[-1]
-    _ELEMENTWISE[x.dtype][0](x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // dim, dim, eps)
+    _ELEMENTWISE[x.dtype][0](x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // dim, dim, eps,
+                             torch.get_num_threads())
     return y
 
 
 def ropes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """Whether :func:`rope` takes ``x`` (bsz, seqlen, heads, head_dim) with these tables (bsz or 1,
-    seqlen, head_dim/2): at most :data:`MAX_ROWS` tokens (decode; one thread)."""
+    seqlen, head_dim/2) (a decode step's tokens on the calling thread; a prefill's many shared
+    among torch's threads)."""
     return (  # eager first: under torch.compile the sizes may be symbols that cannot be compared
         _eager_cpu(x, cos, sin) and x.dtype in _ELEMENTWISE and x.dim() == 4 and x.is_contiguous()
-        and x.shape[-1] % 2 == 0 and 0 < x.shape[0] * x.shape[1] <= MAX_ROWS
+        and x.shape[-1] % 2 == 0 and x.numel() > 0
         and cos.dtype == sin.dtype == torch.float32 and cos.shape == sin.shape and cos.dim() == 3
         and cos.shape[0] in (1, x.shape[0]) and cos.shape[1:] == (x.shape[1], x.shape[3] // 2)
         and cos.is_contiguous() and sin.is_contiguous()
@@ -509,7 +511,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     y = torch.empty_like(x)
     bsz, seqlen, heads, head_dim = x.shape
     _ELEMENTWISE[x.dtype][1](x.data_ptr(), cos.data_ptr(), sin.data_ptr(), y.data_ptr(), bsz, seqlen, heads, head_dim,
-                             cos.shape[0])
+                             cos.shape[0], torch.get_num_threads())
     return y
 
 

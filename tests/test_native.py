@@ -271,18 +271,25 @@ def test_fused_norm_and_rope_equal_the_model_math(dtype, monkeypatch):
     norm = RMSNorm(96, eps=1e-5, dtype=dtype).requires_grad_(False)
     norm.weight.copy_(torch.randn(96, generator=gen))
     norm.fused = True  # as llama.kernel_choice.apply sets it with the native attention
-    x = (3 * torch.randn(3, 5, 96, generator=gen)).to(dtype)  # 15 decode-sized rows
-    cos, sin = precompute_rope(32, 64)
+    x = (3 * torch.randn(3, 5, 96, generator=gen)).to(dtype)  # 15 decode-sized rows: the calling thread
+    many = (3 * torch.randn(2, 400, 96, generator=gen)).to(dtype)  # a prefill's 800 rows: shared among the threads
+    cos, sin = precompute_rope(32, 512)
     q = torch.randn(3, 2, 6, 32, generator=gen).to(dtype)
     positions = torch.tensor([[3, 4], [40, 41], [62, 63]])  # each row its own positions: tables (3, 2, 16)
+    prompt = torch.randn(2, 400, 6, 32, generator=gen).to(dtype)  # 2 x 400 tokens at positions 0..399
     with torch.inference_mode():
         assert native.norms(x, norm.weight) and native.ropes(q, cos[positions], sin[positions])
-        fused = (norm(x), apply_rotary_emb(q, cos[positions], sin[positions], fused=True),
-                 apply_rotary_emb(q, cos[None, :2], sin[None, :2], fused=True))
+        assert native.norms(many, norm.weight) and native.ropes(prompt, cos[None, :400], sin[None, :400])
+
+        def each():
+            return (norm(x), norm(many), apply_rotary_emb(q, cos[positions], sin[positions], fused=True),
+                    apply_rotary_emb(q, cos[None, :2], sin[None, :2], fused=True),
+                    apply_rotary_emb(prompt, cos[None, :400], sin[None, :400], fused=True))
+
+        fused = each()
         monkeypatch.setattr(native, "norms", lambda *a: False)
         monkeypatch.setattr(native, "ropes", lambda *a: False)
-        unfused = (norm(x), apply_rotary_emb(q, cos[positions], sin[positions], fused=True),
-                   apply_rotary_emb(q, cos[None, :2], sin[None, :2], fused=True))
+        unfused = each()
     # float32: the same to rounding (FMA contraction); bfloat16: rounded where torch rounds, so at most one step apart
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     for got, want in zip(fused, unfused):
@@ -290,8 +297,6 @@ def test_fused_norm_and_rope_equal_the_model_math(dtype, monkeypatch):
         assert ((got.float() - want.float()).abs().max() / want.float().abs().max()).item() <= tol
     wants_grad = x.detach().clone().requires_grad_()
     assert norms(x, norm.weight) and not norms(wants_grad, norm.weight)  # a gradient wanted: torch's, which records it
-    prefill = torch.zeros(1, native.MAX_ROWS + 1, 96, dtype=dtype)
-    assert not norms(prefill, norm.weight)  # prefill rows: torch's, on all threads
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda v: str(v).removeprefix("torch."))

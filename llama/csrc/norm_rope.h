@@ -1,4 +1,5 @@
-// The decode step's small elementwise work, fused: RMSNorm and rotary embeddings.
+// The elementwise work around the products, fused: RMSNorm and rotary embeddings (the decode step's,
+// and a prefill's where the model runs the native attention).
 //
 // In eager torch each is a chain of operators (RMSNorm 8: float, pow, mean, add, rsqrt, mul,
 // type_as, mul; RoPE 12 per tensor), about 500 calls per decode step of a 12-layer model, each
@@ -35,23 +36,26 @@ void rms_norm(const typename Op::T *x, const typename Op::T *w, typename Op::T *
   }
 }
 
+// one token's H heads of D: each adjacent pair (x[2i], x[2i+1]) rotated by the angles c, sn (D/2)
+template <class T>
+inline void rope_token(const T *x, const float *c, const float *sn, T *y, int64_t H, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t h = 0; h < H; h++)
+    for (int64_t i = 0; i < half; i++) {
+      const float x0 = get(x + h * D + 2 * i), x1 = get(x + h * D + 2 * i + 1);
+      put(y + h * D + 2 * i, x0 * c[i] - x1 * sn[i]);
+      put(y + h * D + 2 * i + 1, x0 * sn[i] + x1 * c[i]);
+    }
+}
+
 // y = x with each adjacent pair (x[2i], x[2i+1]) of every head rotated by its token's angle:
 // x, y (B, S, H, D); cos, sin (B or 1, S, D/2) float32, cos_rows = B or 1
 template <class T>
 void rope(const T *x, const float *cos, const float *sin, T *y, int64_t B, int64_t S, int64_t H, int64_t D, int64_t cos_rows) {
-  const int64_t half = D / 2;
   for (int64_t b = 0; b < B; b++)
     for (int64_t s = 0; s < S; s++) {
       const int64_t t = (cos_rows == 1 ? 0 : b) * S + s;
-      const float *c = cos + t * half, *sn = sin + t * half;
-      for (int64_t h = 0; h < H; h++) {
-        const int64_t base = ((b * S + s) * H + h) * D;
-        for (int64_t i = 0; i < half; i++) {
-          const float x0 = get(x + base + 2 * i), x1 = get(x + base + 2 * i + 1);
-          put(y + base + 2 * i, x0 * c[i] - x1 * sn[i]);
-          put(y + base + 2 * i + 1, x0 * sn[i] + x1 * c[i]);
-        }
-      }
+      rope_token(x + (b * S + s) * H * D, cos + t * D / 2, sin + t * D / 2, y + (b * S + s) * H * D, H, D);
     }
 }
 }  // namespace
