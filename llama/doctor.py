@@ -155,6 +155,13 @@ def report(
             for kernel, per in choice.timings_ms.items():
                 cells = "   ".join(f"b{b}: {float(t):8.3f} ms" for b, t in sorted(per.items(), key=lambda kv: int(kv[0])))
                 print(f"        {kernel:<16} {cells}")
+            prefill_shape = shape[:3]
+            choice = kernel_choice.choose([("prefill-attention", prefill_shape)], torch.device("cpu"), dtype, {},
+                                          remeasure=remeasure).choices[("prefill-attention", *prefill_shape)]
+            print(f"  prefill attention: causal, a prompt from position 0 -> {choice.kernel} ({choice.source})")
+            for kernel, per in choice.timings_ms.items():
+                cells = "   ".join(f"{n} tokens: {float(t):8.3f} ms" for n, t in sorted(per.items(), key=lambda kv: int(kv[0])))
+                print(f"        {kernel:<16} {cells}")
         # as Llama.build decides it: the picks above, or our kernels everywhere where the one-call step wins
         attention_key = ("attention", args.n_heads // world, max(1, args.kv_heads // world), args.head_dim, kernel_choice.ATTENTION_KV_LEN)
         plan.choices[attention_key] = kernel_choice.Choice(attention[dtype], "above")

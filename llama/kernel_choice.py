@@ -27,7 +27,10 @@ dequantized by our kernel, then oneDNN's GEMM: :func:`llama.linear_kernels.int8_
 The decode step's attention is chosen the same way (layout ``"attention"``, shape heads x
 kv heads x head size x the positions it is timed over): ``sdpa`` (torch's
 ``scaled_dot_product_attention``) or ``native-attention`` (:func:`llama.native.decode_attention`,
-where it builds), which brings the decode rows' RMSNorm and RoPE in one native call each.
+where it builds), which brings the RMSNorm and RoPE in one native call each; and a prefill's
+(layout ``"prefill-attention"``, heads x kv heads x head size, timed causal over
+:data:`PREFILL_ATTENTION_LENGTHS` tokens): ``sdpa`` or ``native-attention``
+(:func:`llama.native.prefill_attention`). An override of the attention names both.
 
 Each measurement streams through enough copies of the weight to leave the cache, as a
 decode step does, unless the model's linear weights fit in the last-level cache anyway.
@@ -83,6 +86,7 @@ ATTENTION_KERNELS = ("sdpa", "native-attention")  # the decode step's attention 
 NATIVE_KERNELS = ("gemv", "int8-gemv", "native-attention", "prefill-dequantized")  # ours: llama.native
 ATTENTION_KV_LEN = 512  # cached positions the decode attention is timed over (fewer where the cache holds fewer)
 PREFILL_ROWS = (32, 128)  # the rows an int8 layer's prefill kernels are timed at (layout "int8-prefill")
+PREFILL_ATTENTION_LENGTHS = (128, 512)  # the prompt lengths a prefill's attention is timed at (layout "prefill-attention")
 
 # The CPU flags that decide which kernels are fast (x86 /proc/cpuinfo names; ARM "Features").
 FLAGS = (
@@ -308,6 +312,56 @@ def attention_candidates(device: torch.device, dtype: torch.dtype, head_dim: int
     if cpu and native.available(dtype, cpu_facts()["flags"]) and native.attends(dtype, head_dim):
         names.append("native-attention")
     return names
+
+
+def prefill_attention_candidates(device: torch.device, dtype: torch.dtype, head_dim: int) -> List[str]:
+    """The prefill attention kernels that can run heads of ``head_dim`` in ``dtype`` on ``device``; ``sdpa`` first."""
+    names = ["sdpa"]
+    cpu = torch.device(device).type == "cpu"
+    if cpu and native.available(dtype, cpu_facts()["flags"]) and native.attends(dtype, head_dim):
+        if native._ENTRIES[dtype].prefill_attention is not None:
+            names.append("native-attention")
+    return names
+
+
+def time_prefill_attention(
+    shape: Tuple[int, int, int],
+    dtype: torch.dtype,
+    names: List[str],
+    lengths: Iterable[int] = PREFILL_ATTENTION_LENGTHS,
+    seed: int = 0,
+    usage: Optional[Dict[str, float]] = None,
+) -> Dict[str, Dict[int, float]]:
+    """Seconds per call of each prefill attention kernel of ``names`` for ``shape`` = (heads, kv
+    heads, head size), per prompt length: a whole prompt from position 0 over random keys and
+    values in a cache row, as :class:`llama.model.Attention` attends in a prefill."""
+    heads, kv_heads, head_dim = shape
+    gen = torch.Generator().manual_seed(seed)
+    lengths = list(lengths)
+    data = {}
+    for n in lengths:
+        q = torch.randn(n, heads, head_dim, generator=gen).to(dtype)
+        k, v = (torch.randn(kv_heads, n, head_dim, generator=gen).to(dtype) for _ in range(2))
+        data[n] = (q, k, v)
+
+    def call(name: str, n: int) -> None:
+        q, k, v = data[n]
+        if name == "sdpa":  # what llama.model.Attention runs: (1, heads, n, head_dim) against the row, causal
+            F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], is_causal=True,
+                                           enable_gqa=heads != kv_heads)
+        else:
+            native.prefill_attention(q, k, v, 0)
+
+    def one_pass(name: str, n: int) -> float:  # seconds per call, over a few milliseconds of calls
+        calls, start = 0, time.perf_counter()
+        while True:
+            call(name, n)
+            calls += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= _ROUND_S / 4:
+                return elapsed / calls
+
+    return _best_of_rounds(one_pass, names, lengths, usage)
 
 
 def time_attention(
@@ -675,7 +729,7 @@ class Plan:
         """One line: each kernel with the shapes it runs, and why."""
         parts = []
         for (layout, *shape), c in self.choices.items():
-            what = {"attention": "attention ", "int8-prefill": "prefill "}.get(layout, "")
+            what = {"attention": "attention ", "int8-prefill": "prefill ", "prefill-attention": "prefill attention "}.get(layout, "")
             parts.append(f"{what}{'x'.join(map(str, shape))}: {c.kernel} ({c.source})")
         return f"{self.dtype}: " + ", ".join(parts)
 
@@ -717,11 +771,16 @@ def choose(
     for layout, shape in dict.fromkeys((lay, tuple(s)) for lay, s in shapes):
         if layout == "attention":
             names = attention_candidates(device, dtype, shape[2])
+        elif layout == "prefill-attention":
+            names = prefill_attention_candidates(device, dtype, shape[2])
         else:
             names = candidates(device, dtype, layout)
+        if layout == "prefill-attention" and "attention" in override:  # one override names both attentions
+            override = {**override, layout: override["attention"]}
         if layout in override:
             if override[layout] not in names:
-                what = f"heads of size {shape[2]}" if layout == "attention" else f"{layout} weights {shape[0]}x{shape[1]}"
+                what = (f"heads of size {shape[2]}" + (" in a prefill" if layout == "prefill-attention" else "")
+                        if layout in ("attention", "prefill-attention") else f"{layout} weights {shape[0]}x{shape[1]}")
                 raise ValueError(f"kernel {override[layout]!r} cannot run {what} in {dtype} on {device} here; "
                                  f"possible: {', '.join(names)} (or 'auto')")
             plan.choices[(layout, *shape)] = Choice(override[layout], "override")
@@ -732,8 +791,8 @@ def choose(
             why = "compile: Inductor picks" if compile and len(names) > 1 else "only candidate"
             plan.choices[(layout, *shape)] = Choice(names[0], why)
             continue
-        timed_at = PREFILL_ROWS if layout == "int8-prefill" else tuple(batches)
-        facts = decision_facts(dtype, layout, shape, names, resident and layout != "int8-prefill", timed_at)
+        timed_at = {"int8-prefill": PREFILL_ROWS, "prefill-attention": PREFILL_ATTENTION_LENGTHS}.get(layout, tuple(batches))
+        facts = decision_facts(dtype, layout, shape, names, resident and layout in ("float", "int8"), timed_at)
         key = json.dumps(facts, sort_keys=True)
         if use_cache and entries is None:
             entries = _load_cache(path)
@@ -745,6 +804,8 @@ def choose(
             seconds = time_attention(shape, dtype, names, batches, usage=usage)
         elif layout == "int8-prefill":
             seconds = time_prefill(shape, dtype, names, PREFILL_ROWS, usage=usage)
+        elif layout == "prefill-attention":
+            seconds = time_prefill_attention(shape, dtype, names, PREFILL_ATTENTION_LENGTHS, usage=usage)
         else:
             seconds = time_kernels(shape, dtype, names, batches, stream_bytes=stream, usage=usage)
         timings_ms = {n: {b: round(1000 * t, 4) for b, t in per.items()} for n, per in seconds.items()}
@@ -889,7 +950,7 @@ def plan_for(
     nbytes = sum(w.numel() * (1 if kind == "int8" else w.element_size()) for w, (kind, _) in zip(weights, shapes))
     batches = decode_batches(getattr(getattr(model, "params", None), "max_batch_size", None))
     attention = attention_shape(model)
-    extra = [("attention", attention)] if attention is not None else []
+    extra = [("attention", attention), ("prefill-attention", attention[:3])] if attention is not None else []
     extra += [("int8-prefill", shape) for kind, shape in shapes if kind == "int8"]
     plan = choose(shapes + extra, device, dtype, override, stream_bytes=nbytes, compile=compile, batches=batches)
     n_layers = len(getattr(model, "layers", ()))
@@ -913,6 +974,8 @@ def apply(model: nn.Module, plan: Plan, on_packed=None) -> int:
     if attention is not None and ("attention", *attention) in plan.choices:
         kernel = plan.kernel("attention", attention)
         model.use_decode_attention(kernel)  # the native one brings its fused RoPE (in Attention) and RMSNorm
+    if attention is not None and ("prefill-attention", *attention[:3]) in plan.choices:
+        model.use_prefill_attention(plan.kernel("prefill-attention", attention[:3]))
     for name, layer in linear_layers(model):
         layout = _layout_class(layer.weight, False)
         want = plan.kernel(layout, tuple(layer.weight.shape))

@@ -262,8 +262,10 @@ class Attention(nn.Module):
         self.wv = ColumnParallelLinear(args.dim, kv_dim, gather_output=False, device=device, dtype=dtype)
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, input_is_parallel=True, device=device, dtype=dtype)
         # The decode step's attention: "sdpa" (torch's scaled_dot_product_attention) or
-        # "native-attention" (llama.native.decode_attention, CPU), set by llama.kernel_choice.
+        # "native-attention" (llama.native.decode_attention, CPU), set by llama.kernel_choice;
+        # a prefill's likewise (llama.native.prefill_attention), chosen on its own.
         self.decode_attention = "sdpa"
+        self.prefill_attention = "sdpa"
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """softmax(q k^T / sqrt(d)) v for q (b, heads, s, d) and k, v (b, kv_heads, L, d).
@@ -336,16 +338,26 @@ class Attention(nn.Module):
             keys, values = cache.cache_k[:bsz, :, :kv_len], cache.cache_v[:bsz, :, :kv_len]
             output = self._attend(xq.transpose(1, 2), keys, values, batch.mask)
         elif isinstance(batch, Segments):
+            native_prefill = self.prefill_attention == "native-attention" and native.prefill_attends(xq[0], cache.cache_k[0])
             outputs, offset = [], 0
             for row, start, length, mask in zip(*batch):
                 end = start + length
                 # (length, kv_heads, head_dim) -> (kv_heads, length, head_dim)
                 cache.cache_k[row, :, start:end] = xk[0, offset : offset + length].transpose(0, 1)
                 cache.cache_v[row, :, start:end] = xv[0, offset : offset + length].transpose(0, 1)
+                if native_prefill:  # causal over the row's positions 0..end-1, token-major in and out
+                    outputs.append(native.prefill_attention(xq[0, offset : offset + length], cache.cache_k[row],
+                                                            cache.cache_v[row], start))  # (length, heads, head_dim)
+                    offset += length
+                    continue
                 q = xq[:, offset : offset + length].transpose(1, 2)  # (1, heads, length, head_dim)
                 keys, values = cache.cache_k[row : row + 1, :, :end], cache.cache_v[row : row + 1, :, :end]
                 outputs.append(self._attend(q, keys, values, mask))
                 offset += length
+            if native_prefill:
+                # (tokens, heads, head_dim) -> (1, tokens, heads * head_dim)
+                output = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+                return self.wo(output.view(bsz, seqlen, -1))
             output = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
         else:
             output = self._attend(xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2), None)
@@ -425,6 +437,11 @@ class Transformer(nn.Module):
         if device.type != "meta":
             self.allocate_buffers(device, dtype)
             self.cache = KVCache(params, params.max_batch_size, params.max_seq_len, device, dtype)
+
+    def use_prefill_attention(self, kernel: str) -> None:
+        """Prefills attend with ``kernel`` (``"sdpa"`` or ``"native-attention"``, see :class:`Attention`)."""
+        for block in self.layers:
+            block.attention.prefill_attention = kernel
 
     def use_decode_attention(self, kernel: str) -> None:
         """Decode steps attend with ``kernel`` (``"sdpa"`` or ``"native-attention"``, see

@@ -97,6 +97,8 @@ _LINEAR_MANY_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int] + [ctypes.c_int64] * 
 MAX_MANY = 8  # weights per linear_many call
 # q, k, v, out, lengths, B, H, KVH, S, D, scale, threads
 _ATTENTION_ARGS = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int]
+# q, k, v, out, S, start, H, KVH, Smax, D, scale, threads
+_PREFILL_ATTENTION_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
 _INT8_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]  # x, w, w_scale, y, M, N, K, threads
 _NORM_ARGS = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]  # x, w, y, rows, dim, eps, threads
 _ROPE_ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_int]  # x, cos, sin, y, B, S, H, D, cos rows, threads
@@ -117,6 +119,7 @@ class Entries(NamedTuple):
     linear_many: Callable
     step: int  # the inner size (linear) and head size (attention) must be multiples of this
     decode_step: Optional[Callable] = None  # the whole step, float weights (llama.native_step)
+    prefill_attention: Optional[Callable] = None  # a prefill chunk's causal attention in one cache row
 
 
 def _cache_dir() -> Path:
@@ -238,7 +241,11 @@ def _load(flags: frozenset) -> Tuple[Optional[ctypes.CDLL], Dict[torch.dtype, En
                 linear_fn.argtypes, linear_fn.restype = _LINEAR_ARGS, None
                 attention_fn.argtypes, attention_fn.restype = _ATTENTION_ARGS, None
                 many_fn.argtypes, many_fn.restype = _LINEAR_MANY_ARGS, None
-                entries[dtype] = Entries(linear_fn, attention_fn, many_fn, step, _step_entry(lib, f"llama_decode_step_{suffix}"))
+                prefill_fn = getattr(lib, f"llama_prefill_attention_{suffix}", None)
+                if prefill_fn is not None:
+                    prefill_fn.argtypes, prefill_fn.restype = _PREFILL_ATTENTION_ARGS, None
+                entries[dtype] = Entries(linear_fn, attention_fn, many_fn, step, _step_entry(lib, f"llama_decode_step_{suffix}"),
+                                         prefill_fn)
     int8: Dict[torch.dtype, Callable] = {}
     for isa in (isa for isa in INT8_ENTRIES if isa in isas):  # the preferred set first
         for dtype, name in INT8_ENTRIES[isa].items():
@@ -551,6 +558,37 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
     out = torch.empty_like(q)
     entry.attention(q.data_ptr(), cache_k.data_ptr(), cache_v.data_ptr(), out.data_ptr(), lengths.data_ptr(),
                     bsz, heads, kv_heads, max_seq_len, head_dim, head_dim ** -0.5, torch.get_num_threads())
+    return out
+
+
+def prefill_attends(q: torch.Tensor, cache_k: torch.Tensor) -> bool:
+    """Whether :func:`prefill_attention` takes these queries (chunk, heads, head_dim) over a cache row
+    (kv_heads, max_seq_len, head_dim) of the same dtype (eager, on the CPU, contiguous)."""
+    entry = _ENTRIES.get(q.dtype)
+    return (
+        entry is not None and entry.prefill_attention is not None and _eager_cpu(q, cache_k)
+        and q.dim() == 3 and cache_k.dim() == 3 and cache_k.dtype == q.dtype and q.shape[-1] == cache_k.shape[-1]
+        and q.shape[-1] % entry.step == 0 and q.shape[1] % cache_k.shape[0] == 0
+        and q.is_contiguous() and cache_k.is_contiguous()
+    )
+
+
+def prefill_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, start: int) -> torch.Tensor:
+    """Causal attention of a prefill chunk: ``q`` (length, heads, head_dim), the queries of positions
+    ``start..start+length-1`` of one cache row, over that row's keys and values ``cache_k``,
+    ``cache_v`` (kv_heads, max_seq_len, head_dim) at positions ``0..start+length-1`` (the chunk's
+    own already written); query head ``h`` reads kv head ``h // (heads // kv_heads)``.
+    Returns (length, heads, head_dim) in q's dtype: float32 scores, softmax and sums
+    (``csrc/attention.h``). Needs :func:`prefill_attends` (``ValueError`` otherwise)."""
+    length, heads, head_dim = q.shape
+    if not (prefill_attends(q, cache_k) and cache_v.shape == cache_k.shape and cache_v.dtype == q.dtype
+            and cache_v.is_contiguous() and 0 <= start and start + length <= cache_k.shape[1]):
+        raise ValueError(f"native prefill attention cannot take q {tuple(q.shape)} {q.dtype} at position {start} over "
+                         f"a cache row {tuple(cache_k.shape)} {cache_k.dtype}")
+    kv_heads, max_seq_len, _ = cache_k.shape
+    out = torch.empty_like(q)
+    _ENTRIES[q.dtype].prefill_attention(q.data_ptr(), cache_k.data_ptr(), cache_v.data_ptr(), out.data_ptr(), length, start,
+                                        heads, kv_heads, max_seq_len, head_dim, head_dim ** -0.5, torch.get_num_threads())
     return out
 
 

@@ -30,15 +30,17 @@ def test_doctor_prints_every_section(tmp_path, tiny_checkpoint):
     # every distinct shape of the tiny model (dim 64, hidden 192, vocab 320) gets a pick
     for shape in ("64x64", "192x64", "64x192", "320x64"):
         assert shape in out, out
-    # and the decode attention, for each float dtype, and the int8 weights' prefill, for each shape
-    assert out.count("->") == 3 * 4 + 2 + 4 and out.count("  prefill ") == 4
+    # and the attention, for each float dtype, and the int8 weights' prefill, for each shape
+    # each float dtype's decode and prefill attention
+    prefill_attention = out.count("  prefill attention:")
+    assert out.count("->") == 3 * 4 + 2 * 2 + 4 and prefill_attention == 2 and out.count("  prefill ") - prefill_attention == 4
     dequantized = "prefill-dequantized" in kernel_choice.candidates(torch.device("cpu"), torch.float32, "int8-prefill")
     assert ("prefill-dequantized" in out) == dequantized
     assert out.count("attention: 4 heads, 4 kv heads of 16") == 2
     assert out.count("decode step: ") == 3  # one native call, or the model's modules and why, per run
     assert (tmp_path / "kernels.json").exists()
     again = doctor(tmp_path, "--ckpt_dir", str(tiny_checkpoint), "--no-bandwidth", "--dtypes", "float32", "--no-int8")
-    assert "not measured" in again and again.count("->") == 4 + 1
+    assert "not measured" in again and again.count("->") == 4 + 2
     assert "(measured)" not in again  # the first run's choices, from the cache
 
 

@@ -153,6 +153,29 @@ def test_int8_prefill_is_measured_cached_and_overridable(private_cache, monkeypa
     assert {c.source for c in plan.choices.values()} == {"override"} and len(calls) == len(shapes)
 
 
+def test_prefill_attention_is_measured_and_an_attention_override_names_both(private_cache, monkeypatch):
+    _, m = model()
+    names = kernel_choice.prefill_attention_candidates(CPU, torch.float32, m.layers[0].attention.head_dim)
+    if names == ["sdpa"]:
+        pytest.skip("no native attention here: sdpa is the only candidate")
+    calls = []
+
+    def fake(shape, dtype, names, lengths=kernel_choice.PREFILL_ATTENTION_LENGTHS, seed=0, usage=None):
+        calls.append(shape)
+        return {n: {t: (1.0 if n == "native-attention" else 2.0) * 1e-3 for t in lengths} for n in names}
+
+    monkeypatch.setattr(kernel_choice, "time_prefill_attention", fake)
+    monkeypatch.setattr(kernel_choice, "QUIET_SHARE", 0.0)
+    plan = kernel_choice.plan_for(m, CPU, torch.float32, {"float": "dense", "attention": "sdpa"})
+    kernel_choice.apply(m, plan)  # the override names the decode and the prefill attention: nothing measured
+    assert calls == [] and {(b.attention.decode_attention, b.attention.prefill_attention) for b in m.layers} == {("sdpa", "sdpa")}
+    plan = kernel_choice.plan_for(m, CPU, torch.float32, {"float": "dense"})
+    kernel_choice.apply(m, plan)
+    heads = (m.layers[0].attention.n_local_heads, m.layers[0].attention.n_local_kv_heads, m.layers[0].attention.head_dim)
+    assert calls == [heads] and plan.choices[("prefill-attention", *heads)].source == "measured"
+    assert {b.attention.prefill_attention for b in m.layers} == {"native-attention"}
+
+
 def test_env_override_for_a_layout_the_model_lacks_is_ignored(monkeypatch):
     monkeypatch.setenv(kernel_choice.KERNELS_ENV, "packed")
     assert kernel_choice.check_override(None, None, CPU, torch.float32, "int8") == {}
@@ -171,11 +194,15 @@ def test_timed_at_the_batch_sizes_the_model_runs(fake_timer, monkeypatch, privat
         args = ModelArgs(**CONFIGS["plain"], max_seq_len=64, max_batch_size=rows)
         plan = kernel_choice.plan_for(Transformer(args, device="meta"), CPU, torch.float32)
         assert all({int(b) for b in next(iter(c.timings_ms.values()))} == set(kernel_choice.decode_batches(rows))
-                   for c in plan.choices.values())  # the linear shapes', and the attention's
+                   for key, c in plan.choices.items() if key[0] != "prefill-attention")  # the linear shapes', the attention's
+        prefill = [c for key, c in plan.choices.items() if key[0] == "prefill-attention"]  # timed at prompt lengths
+        assert len(prefill) == 1 and all({int(n) for n in per} == set(kernel_choice.PREFILL_ATTENTION_LENGTHS)
+                                         for per in prefill[0].timings_ms.values())
     shapes = len(set(kernel_choice.plan_shapes(Transformer(args, device="meta"))))
     assert seen == [(1,)] * shapes + [(1, 2)] * shapes  # each decision cached under its own batch sizes
     entries = json.loads(private_cache.read_text())["entries"]
-    assert sorted({tuple(e["facts"]["batches"]) for e in entries.values()}) == [(1,), (1, 2)]
+    assert sorted({tuple(e["facts"]["batches"]) for e in entries.values()}) == [
+        (1,), (1, 2), kernel_choice.PREFILL_ATTENTION_LENGTHS]
 
 
 def test_compile_never_packs_and_non_cpu_devices_keep_the_default(fake_timer):

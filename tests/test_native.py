@@ -162,6 +162,83 @@ def test_every_decode_attention_entry_point_equals_softmax_attention(dtype, isa)
                                 torch.zeros(1, 2, 4, step, dtype=dtype), torch.tensor([1]))
 
 
+def causal_reference(q, cache_k, cache_v, start):
+    """float64 softmax attention of a prefill chunk q (length, heads, d) at positions start.. over a cache row."""
+    length, heads, _ = q.shape
+    rep = heads // cache_k.shape[0]
+    end = start + length
+    k = cache_k[:, :end].double().repeat_interleave(rep, 0)  # (heads, end, d)
+    v = cache_v[:, :end].double().repeat_interleave(rep, 0)
+    scores = torch.einsum("shd,hld->hsl", q.double(), k) / q.shape[-1] ** 0.5
+    visible = torch.ones(length, end, dtype=torch.bool).tril(start)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.einsum("hsl,hld->shd", scores.softmax(-1), v)
+
+
+@pytest.mark.skipif(not CASES, reason=f"this CPU ({kernel_choice.describe_cpu()}) has no instruction set the kernels use")
+@pytest.mark.parametrize("dtype,isa", CASES, ids=lambda v: str(v).removeprefix("torch."))
+def test_every_prefill_attention_entry_point_equals_causal_attention(dtype, isa):
+    need(dtype, ISA_FLAGS[isa])
+    entry = native._library(ISA_FLAGS[isa])[1][dtype]
+    assert entry.prefill_attention.__name__ == "llama_prefill_attention_" + native.ISAS[isa][2][dtype][0]
+    step = entry.step
+    gen = torch.Generator().manual_seed(0)
+    # (length, start, heads, kv heads, cache length, head size): one token; a chunk continuing a cached prefix;
+    # more queries than a block (16) and keys than a block (64), not multiples of them; grouped heads down to one
+    for length, start, heads, kv_heads, seq, head_dim in [
+        (1, 0, 4, 4, 8, step), (7, 0, 4, 2, 16, 2 * step), (37, 5, 6, 2, 64, step), (130, 0, 4, 4, 160, 2 * step),
+        (70, 100, 8, 1, 200, 4 * step), (3, 61, 2, 2, 64, step),
+    ]:
+        q = torch.randn(length, heads, head_dim, generator=gen).to(dtype)
+        cache_k = (2 * torch.randn(kv_heads, seq, head_dim, generator=gen)).to(dtype)
+        cache_v = torch.randn(kv_heads, seq, head_dim, generator=gen).to(dtype)
+        assert native.prefill_attends(q, cache_k)
+        got = native.prefill_attention(q, cache_k, cache_v, start)
+        err = (got.double() - causal_reference(q, cache_k, cache_v, start)).abs().max().item()
+        assert got.dtype == dtype and got.shape == q.shape
+        assert err < (1e-5 if dtype == torch.float32 else 2e-2), (length, start, heads, kv_heads, head_dim, err)
+    with pytest.raises(ValueError, match="cannot take"):  # past the cache's positions
+        native.prefill_attention(q, cache_k, cache_v, seq - length + 1)
+    assert not native.prefill_attends(torch.zeros(2, 3, step, dtype=dtype), torch.zeros(2, 8, step, dtype=dtype))
+
+
+@pytest.mark.parametrize("config", ["plain", "gqa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda v: str(v).removeprefix("torch."))
+def test_model_prefills_the_same_with_native_prefill_attention(config, dtype):
+    """Whole prompts, prompts in chunks (a chunk over a cached prefix) and several rows in one pass: the
+    logits and the cache with the native prefill attention against torch's."""
+    from llama.checkpoint import random_state_dict
+    from llama.model import ModelArgs, Transformer
+
+    need(dtype)
+    heads = {"plain": dict(n_heads=4), "gqa": dict(n_heads=8, n_kv_heads=2)}[config]
+    args = ModelArgs(dim=256, n_layers=2, multiple_of=64, vocab_size=300, max_seq_len=128, max_batch_size=3, **heads)
+    if not native.attends(dtype, args.head_dim):
+        pytest.skip(f"no native attention for head size {args.head_dim} in {dtype}")
+    model = Transformer(args, dtype=dtype).requires_grad_(False)
+    model.load_state_dict({k: v.to(dtype) for k, v in random_state_dict(args, seed=1, std=0.1).items()})
+    model.allocate_buffers("cpu", dtype)
+    prompts = [torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 90, 41)]
+
+    def prefill(kernel):
+        model.use_prefill_attention(kernel)
+        with torch.inference_mode():
+            whole = model.prefill(prompts[1], Segments([0], [0], [90]))
+            first = model.prefill(prompts[1][:70], Segments([1], [0], [70]))
+            rest = model.prefill(prompts[1][70:], Segments([1], [70], [20]))  # over the cached 70
+            several = model.prefill(torch.cat([prompts[0], prompts[2]]), Segments([1, 2], [0, 0], [5, 41]))
+        return (whole, torch.cat([first, rest]), several), [layer.cache_k.clone() for layer in model.cache.layers]
+
+    (want, want_cache), (got, got_cache) = prefill("sdpa"), prefill("native-attention")
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for g, w in zip(got, want):
+        assert ((g - w).norm() / w.norm()).item() < tol
+    assert ((got[0] - got[1]).norm() / got[0].norm()).item() < tol  # in chunks as whole
+    assert torch.equal(got_cache[0], want_cache[0])  # the first layer's keys come before any attention
+    for g, w in zip(got_cache[1:], want_cache[1:]):
+        assert ((g.float() - w.float()).norm() / w.float().norm()).item() < tol
+
+
 @pytest.mark.parametrize("config", ["plain", "gqa"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda v: str(v).removeprefix("torch."))
 def test_model_decodes_the_same_with_native_attention(config, dtype):

@@ -9,15 +9,27 @@
     decode_attention<Op>(q, k, v, out, lengths, B, H, KVH, S, D, scale, threads);                                       \
   }
 
+// llama_prefill_attention_<suffix>: q, out (S, H, D); k, v: one cache row's (KVH, Smax, D); the chunk's S
+// tokens at positions start..start+S-1, their keys and values already in the row
+#define LLAMA_PREFILL_ATTENTION_ENTRY(name, Op)                                                                         \
+  void name(const Op::T *q, const Op::T *k, const Op::T *v, Op::T *out, int64_t S, int64_t start, int64_t H,           \
+            int64_t KVH, int64_t Smax, int64_t D, float scale, int threads) {                                          \
+    prefill_attention<Op>(q, k, v, out, S, start, H, KVH, Smax, D, scale, threads);                                     \
+  }
+
 extern "C" {
 #if defined(LLAMA_ISA_AVX512)
 LLAMA_ATTENTION_ENTRY(llama_decode_attention_f32_avx512, F32Avx512)
+LLAMA_PREFILL_ATTENTION_ENTRY(llama_prefill_attention_f32_avx512, F32Avx512)
 #endif
 #if defined(LLAMA_ISA_AVX512BF16)
 LLAMA_ATTENTION_ENTRY(llama_decode_attention_bf16_avx512bf16, Bf16Avx512)
+LLAMA_PREFILL_ATTENTION_ENTRY(llama_prefill_attention_bf16_avx512bf16, Bf16Avx512)
 #endif
 #if defined(LLAMA_ISA_AVX2)
 LLAMA_ATTENTION_ENTRY(llama_decode_attention_f32_avx2, F32Avx2)
 LLAMA_ATTENTION_ENTRY(llama_decode_attention_bf16_avx2, Bf16Avx2)
+LLAMA_PREFILL_ATTENTION_ENTRY(llama_prefill_attention_f32_avx2, F32Avx2)
+LLAMA_PREFILL_ATTENTION_ENTRY(llama_prefill_attention_bf16_avx2, Bf16Avx2)
 #endif
 }
