@@ -100,8 +100,8 @@ class Llama:
                 weights, :mod:`llama.native`) or ``"packed"`` for float weights; ``"int8"``,
                 ``"int8-fp32"`` (float32 activations) or ``"int8-gemv"`` (AVX512-VNNI or AVX2) for
                 ``quantize="int8"``, and ``"prefill-int8mm"`` or ``"prefill-dequantized"`` for
-                those layers' prefill; ``"sdpa"`` or ``"native-attention"`` for the decode
-                step's attention; or ``"auto"``. Default (``None``): ``$LLAMA_KERNELS`` if
+                those layers' prefill; ``"sdpa"`` or ``"native-attention"`` for the attention
+                (decode steps and prefill); or ``"auto"``. Default (``None``): ``$LLAMA_KERNELS`` if
                 set, else ``"auto"``: on the CPU, each shape gets the kernel measured fastest
                 on this machine at the decode batch sizes the model runs (1, and up to 8
                 within ``max_batch_size``; timed once on random weights, a few seconds, then

@@ -318,9 +318,8 @@ def prefill_attention_candidates(device: torch.device, dtype: torch.dtype, head_
     """The prefill attention kernels that can run heads of ``head_dim`` in ``dtype`` on ``device``; ``sdpa`` first."""
     names = ["sdpa"]
     cpu = torch.device(device).type == "cpu"
-    if cpu and native.available(dtype, cpu_facts()["flags"]) and native.attends(dtype, head_dim):
-        if native._ENTRIES[dtype].prefill_attention is not None:
-            names.append("native-attention")
+    if cpu and native.available(dtype, cpu_facts()["flags"]) and native.prefill_attention_available(dtype, head_dim):
+        names.append("native-attention")
     return names
 
 
@@ -566,8 +565,8 @@ def parse_override(text: Optional[str], what: str = KERNELS_ENV) -> Dict[str, st
     """``"auto"`` (or empty) -> {}; else a comma-separated list of kernel names, at most one
     per layout: ``dense``, ``gemv`` or ``packed`` for float weights, ``int8``, ``int8-fp32`` or
     ``int8-gemv`` for int8 ones, ``prefill-int8mm`` or ``prefill-dequantized`` for int8 ones'
-    prefill, ``sdpa`` or ``native-attention`` for the decode attention. Returns {layout:
-    name}; a layout not named is still measured."""
+    prefill, ``sdpa`` or ``native-attention`` for the attention (the decode step's and a
+    prefill's). Returns {layout: name}; a layout not named is still measured."""
     override: Dict[str, str] = {}
     if not text or text.strip().lower() == "auto":
         return override

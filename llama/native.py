@@ -561,6 +561,13 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
     return out
 
 
+def prefill_attention_available(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether :func:`prefill_attention` has a kernel for heads of ``head_dim`` in ``dtype`` (after
+    :func:`available` said yes for ``dtype``)."""
+    entry = _ENTRIES.get(dtype)
+    return entry is not None and entry.prefill_attention is not None and head_dim % entry.step == 0
+
+
 def prefill_attends(q: torch.Tensor, cache_k: torch.Tensor) -> bool:
     """Whether :func:`prefill_attention` takes these queries (chunk, heads, head_dim) over a cache row
     (kv_heads, max_seq_len, head_dim) of the same dtype (eager, on the CPU, contiguous)."""
