@@ -85,7 +85,8 @@ QUIET_SHARE = 0.75
 ATTENTION_KERNELS = ("sdpa", "native-attention")  # the decode step's attention (llama.model.Attention.decode_attention)
 NATIVE_KERNELS = ("gemv", "int8-gemv", "native-attention", "prefill-dequantized")  # ours: llama.native
 ATTENTION_KV_LEN = 512  # cached positions the decode attention is timed over (fewer where the cache holds fewer)
-PREFILL_ROWS = (32, 128)  # the rows an int8 layer's prefill kernels are timed at (layout "int8-prefill")
+# the rows an int8 layer's prefill kernels are timed at (layout "int8-prefill"): from the fewest that may run one
+PREFILL_ROWS = (linear_kernels.DEQUANTIZED_MIN_ROWS, 128)
 PREFILL_ATTENTION_LENGTHS = (128, 512)  # the prompt lengths a prefill's attention is timed at (layout "prefill-attention")
 
 # The CPU flags that decide which kernels are fast (x86 /proc/cpuinfo names; ARM "Features").
@@ -496,10 +497,13 @@ def time_prefill(
     rows: Iterable[int] = PREFILL_ROWS,
     seed: int = 0,
     usage: Optional[Dict[str, float]] = None,
+    fp32_activations: bool = False,
 ) -> Dict[str, Dict[int, float]]:
     """Seconds per call of each int8 prefill kernel of ``names`` (:data:`llama.linear_kernels.PREFILL_KERNELS`)
     on a random int8 ``shape`` weight, per number of ``rows``: compute-bound, so one copy of the
-    weight (the first rows of one above ``_MAX_TIMED_ELEMENTS``, as :func:`time_kernels`)."""
+    weight (the first rows of one above ``_MAX_TIMED_ELEMENTS``, as :func:`time_kernels`).
+    ``fp32_activations``: both multiply in float32, as they do for ``int8-fp32`` layers."""
+    compute = linear_kernels.prefill_compute_dtype(dtype, fp32_activations)
     timed_rows = min(shape[0], max(64, _MAX_TIMED_ELEMENTS // shape[1]))
     gen = torch.Generator().manual_seed(seed)
     weight = torch.randint(-127, 128, (timed_rows, shape[1]), dtype=torch.int8, generator=gen)
@@ -511,9 +515,9 @@ def time_prefill(
         calls, start = 0, time.perf_counter()
         while True:
             if name == "prefill-int8mm":
-                linear_kernels.int8_linear(inputs[r], weight, scales)
+                linear_kernels.int8_linear(inputs[r], weight, scales, torch.float32 if fp32_activations else None)
             else:
-                linear_kernels.int8_prefill_dequantized(inputs[r], weight, scales)
+                linear_kernels.int8_prefill_dequantized(inputs[r], weight, scales, compute)
             calls += 1
             elapsed = time.perf_counter() - start
             if elapsed >= _ROUND_S / 4:
@@ -696,8 +700,9 @@ class Choice:
 
 @dataclass
 class Plan:
-    """The kernel of every (layout, out, in) of a model's local linear weights, and of its decode
-    attention (("attention", heads, kv heads, head size, positions timed), if it was chosen)."""
+    """The kernel of every (layout, out, in) of a model's local linear weights (and ("int8-prefill",
+    out, in): an int8 weight's prefill), and of its attention (("attention", heads, kv heads, head
+    size, positions timed) and ("prefill-attention", heads, kv heads, head size)), where chosen."""
 
     dtype: str
     choices: Dict[Tuple[str, int, int], Choice] = field(default_factory=dict)
@@ -746,7 +751,8 @@ def choose(
     batches: Tuple[int, ...] = DECODE_BATCHES,
 ) -> Plan:
     """The plan for these (layout, shape) pairs (layout ``"float"``, ``"int8"`` or
-    ``"attention"``), timed at decode ``batches`` (see :func:`decode_batches`).
+    ``"attention"``, timed at decode ``batches``, see :func:`decode_batches`; ``"int8-prefill"``
+    and ``"prefill-attention"``, timed at prefill sizes; an int8 shape before its prefill).
 
     Per pair: the override's kernel for the layout if any; else the layout's default
     where there is nothing to choose (one candidate; not a CPU; int8 under ``compile``,
@@ -791,7 +797,11 @@ def choose(
             plan.choices[(layout, *shape)] = Choice(names[0], why)
             continue
         timed_at = {"int8-prefill": PREFILL_ROWS, "prefill-attention": PREFILL_ATTENTION_LENGTHS}.get(layout, tuple(batches))
-        facts = decision_facts(dtype, layout, shape, names, resident and layout in ("float", "int8"), timed_at)
+        facts = decision_facts(dtype, layout, shape, names, resident and layout in ("float", "int8", "attention"), timed_at)
+        # an int8 prefill multiplies in float32 for int8-fp32 layers (picked above: shapes come before their prefill)
+        fp32_activations = layout == "int8-prefill" and plan.choices.get(("int8", *shape), Choice("", "")).kernel == "int8-fp32"
+        if fp32_activations:
+            facts["fp32_activations"] = True
         key = json.dumps(facts, sort_keys=True)
         if use_cache and entries is None:
             entries = _load_cache(path)
@@ -802,7 +812,7 @@ def choose(
         if layout == "attention":
             seconds = time_attention(shape, dtype, names, batches, usage=usage)
         elif layout == "int8-prefill":
-            seconds = time_prefill(shape, dtype, names, PREFILL_ROWS, usage=usage)
+            seconds = time_prefill(shape, dtype, names, PREFILL_ROWS, usage=usage, fp32_activations=fp32_activations)
         elif layout == "prefill-attention":
             seconds = time_prefill_attention(shape, dtype, names, PREFILL_ATTENTION_LENGTHS, usage=usage)
         else:

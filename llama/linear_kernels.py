@@ -19,6 +19,7 @@ package but :mod:`llama.native` (which imports none), so the layers, packing and
 quantization all depend on it and not on each other.
 """
 
+import contextlib
 import functools
 import threading
 import weakref
@@ -168,8 +169,23 @@ def int8_linear(
 # The prefill of an int8 layer (more than native.MAX_ROWS rows): "prefill-int8mm", its kernel's own product
 # (int8_linear), or "prefill-dequantized" (int8_prefill_dequantized); llama.kernel_choice measures which.
 PREFILL_KERNELS = ("prefill-int8mm", "prefill-dequantized")
+DEQUANTIZED_MIN_ROWS = 32  # fewer rows keep the layer's kernel: dequantizing the weight would cost more than it saves
 _DEQUANTIZED_BLOCK_BYTES = 32 << 20  # the most a block of dequantized rows holds (kept per thread, reused)
 _scratch = threading.local()
+_prefilling = threading.local()
+
+
+@contextlib.contextmanager
+def prefill_pass():
+    """While it is open (on this thread), int8 layers may run their prefill kernel (``layer.prefill``):
+    :meth:`llama.model.Transformer.prefill` opens it. A decode step never does, however many rows it
+    has: dequantizing every weight at every step would multiply the bytes a step moves."""
+    depth = getattr(_prefilling, "depth", 0)
+    _prefilling.depth = depth + 1
+    try:
+        yield
+    finally:
+        _prefilling.depth = depth
 
 
 def prefill_compute_dtype(dtype: torch.dtype, fp32_activations: bool = False) -> torch.dtype:
@@ -223,13 +239,15 @@ def int8_prefill_dequantized(
 
 
 def _prefill(x: torch.Tensor, layer: nn.Module) -> Optional[torch.Tensor]:
-    """The product of an int8 layer by :func:`int8_prefill_dequantized`, where its plan says so and
-    ``x`` has more rows than a decode step (None: the layer's kernel takes it)."""
+    """The product of an int8 layer by :func:`int8_prefill_dequantized`, where its plan says so, in a
+    prefill pass (:func:`prefill_pass`) of at least :data:`DEQUANTIZED_MIN_ROWS` rows (None: the layer's
+    kernel takes it)."""
     if (  # eager first: under torch.compile the sizes may be symbols
         getattr(layer, "prefill", None) == "prefill-dequantized"
+        and getattr(_prefilling, "depth", 0) > 0
         and not torch.compiler.is_compiling()
         and x.device.type == "cpu"
-        and x.numel() > native.MAX_ROWS * x.shape[-1]
+        and x.numel() >= DEQUANTIZED_MIN_ROWS * x.shape[-1]
         and not (torch.is_grad_enabled() and x.requires_grad)
         and x.dtype in (torch.float32, torch.bfloat16)
     ):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed, native
+from . import distributed, linear_kernels, native
 from .parallel_layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, project
 
 
@@ -312,7 +312,7 @@ class Attention(nn.Module):
         xq = xq.view(bsz, seqlen, self.n_local_heads, self.head_dim)
         xk = xk.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        fused = self.decode_attention == "native-attention"  # the native decode path: its RoPE too
+        fused = "native-attention" in (self.decode_attention, self.prefill_attention)  # the native path's RoPE too
         xq = apply_rotary_emb(xq, cos, sin, fused)
         xk = apply_rotary_emb(xk, cos, sin, fused)
 
@@ -439,17 +439,26 @@ class Transformer(nn.Module):
             self.cache = KVCache(params, params.max_batch_size, params.max_seq_len, device, dtype)
 
     def use_prefill_attention(self, kernel: str) -> None:
-        """Prefills attend with ``kernel`` (``"sdpa"`` or ``"native-attention"``, see :class:`Attention`)."""
+        """Prefills attend with ``kernel`` (``"sdpa"`` or ``"native-attention"``, see :class:`Attention`);
+        the native one brings the fused RMSNorm and RoPE (see :meth:`use_decode_attention`)."""
         for block in self.layers:
             block.attention.prefill_attention = kernel
+        self._fuse_norms()
 
     def use_decode_attention(self, kernel: str) -> None:
         """Decode steps attend with ``kernel`` (``"sdpa"`` or ``"native-attention"``, see
-        :class:`Attention`); the native one brings the decode rows' fused RMSNorm and RoPE."""
+        :class:`Attention`); the native one brings the fused RMSNorm and RoPE: one native call each,
+        for decode rows and prefills alike, wherever either attention is native."""
         for block in self.layers:
             block.attention.decode_attention = kernel
-            block.attention_norm.fused = block.ffn_norm.fused = kernel == "native-attention"
-        self.norm.fused = kernel == "native-attention"
+        self._fuse_norms()
+
+    def _fuse_norms(self) -> None:
+        attentions = [block.attention for block in self.layers]
+        fused = any("native-attention" in (a.decode_attention, a.prefill_attention) for a in attentions)
+        for block in self.layers:
+            block.attention_norm.fused = block.ffn_norm.fused = fused
+        self.norm.fused = fused
 
     def allocate_buffers(self, device: Union[str, torch.device], dtype: torch.dtype) -> None:
         """Allocate the RoPE tables (``max_seq_len`` positions) on ``device``."""
@@ -496,10 +505,11 @@ class Transformer(nn.Module):
             for start, length in spans
         ]
         segments = segments._replace(masks=masks)
-        h = self._run_layers(self.tok_embeddings(tokens[None]), positions[None], segments)[0]  # (T, dim)
-        if logit_index is not None:
-            h = h[logit_index]
-        return self.output(h).float()
+        with linear_kernels.prefill_pass():  # int8 layers may run their prefill kernel
+            h = self._run_layers(self.tok_embeddings(tokens[None]), positions[None], segments)[0]  # (T, dim)
+            if logit_index is not None:
+                h = h[logit_index]
+            return self.output(h).float()
 
     def decode_step(
         self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: Optional[int] = None, same_position: Optional[int] = None

@@ -7,8 +7,11 @@
   activations quantized in blocks of 32;
 - :func:`decode_attention` (``attention.cpp``): one new token per cache row attending
   over that row's cached keys and values, each read once, in float32;
-- :func:`rms_norm` and :func:`rope` (``norm_rope.cpp``): the model's RMSNorm and RoPE for
-  decode rows in one call each;
+  :func:`prefill_attention` a prefill chunk's causal attention (flash-style blocks);
+- :func:`rms_norm` and :func:`rope` (``norm_rope.cpp``): the model's RMSNorm and RoPE in one
+  call each (a prefill's many rows shared among the threads);
+- :func:`dequantize_int8` (``gemv.cpp``): int8 weights times their scales, for the prefill of
+  int8 layers through oneDNN (:func:`llama.linear_kernels.int8_prefill_dequantized`);
 - :func:`decode_step_entry` (``decode_step.cpp``): a whole decode step of a model whose every
   piece runs the kernels above, in one call (bound to a model by :mod:`llama.native_step`).
 
@@ -89,7 +92,7 @@ INT8_STEP_ENTRIES = {
     "avx2": {torch.float32: "llama_decode_step_i8_f32_avx2", torch.bfloat16: "llama_decode_step_i8_bf16_avx2"},
 }
 INT8_STEP = 64  # the inner size must be a multiple of this
-MAX_ROWS = 16  # more rows than this (prefill) go to torch: there the product is compute-bound and oneDNN/MKL block for it
+MAX_ROWS = 16  # more rows than this (prefill) go to oneDNN/MKL (int8: llama.linear_kernels' prefill kernels): compute-bound
 MAX_STEP_ROWS = 16  # rows (cache rows, one token each) of a whole decode step: decode_step.cpp's MAX_STEP_ROWS
 _LINEAR_ARGS = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]  # x, w, y, M, N, K, threads
 # x, ws, ys, Ns, count, M, K, threads

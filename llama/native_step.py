@@ -67,8 +67,8 @@ def _kernels(model: Transformer) -> Set[str]:
 def sizes_allow(dtype: torch.dtype, int8: bool, in_features: Sequence[int], head_dim: int) -> str:
     """'' if the kernels' steps divide these sizes (the linear layers' inner sizes, the head size), else why not."""
     entry = native._ENTRIES.get(dtype)
-    # int8 products take inner sizes in steps of 64; their attention and norms run float32 lanes of 16
-    # (float32 activations) or bfloat16 steps of 32 (bfloat16); float weights: the dtype's kernels' step
+    # int8 products take inner sizes in steps of 64; their attention and norms need the head size in steps of
+    # the AVX-512 float kernels' (16 float32, 32 bfloat16; AVX2's 8 and 16 divide them); float weights: the dtype's step
     step, head_step = (native.INT8_STEP, 16 if dtype == torch.float32 else 32) if int8 else ((entry.step,) * 2 if entry else (0, 0))
     if not step or any(k % step for k in in_features) or head_dim % head_step:
         return (f"its sizes (inner sizes {sorted(set(in_features))}, head size {head_dim}) are not multiples of the "

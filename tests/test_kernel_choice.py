@@ -122,7 +122,7 @@ def test_int8_prefill_is_measured_cached_and_overridable(private_cache, monkeypa
         pytest.skip("no native dequantization here: prefill-int8mm is the only candidate")
     calls = []
 
-    def fake(shape, dtype, names, rows=kernel_choice.PREFILL_ROWS, seed=0, usage=None):
+    def fake(shape, dtype, names, rows=kernel_choice.PREFILL_ROWS, seed=0, usage=None, fp32_activations=False):
         calls.append((shape, tuple(rows)))
         return {n: {r: (1.0 if n == "prefill-dequantized" else 3.0) * 1e-3 for r in rows} for n in names}
 
@@ -146,6 +146,19 @@ def test_int8_prefill_is_measured_cached_and_overridable(private_cache, monkeypa
         assert sorted(ran) == sorted(tuple(layer.weight.shape) for _, layer in linear_layers(m))
         m.forward(torch.ones(2, 1, dtype=torch.long), 20)
     assert len(ran) == len(list(linear_layers(m)))
+    # only a prefill pass of at least DEQUANTIZED_MIN_ROWS rows: not a short chunk, nor a decode step of many rows
+    ran.clear()
+    big_args = ModelArgs(**CONFIGS["plain"], max_seq_len=64, max_batch_size=40)
+    big = Transformer(big_args, dtype=torch.float32).requires_grad_(False)
+    big.load_state_dict(random_state_dict(big_args, seed=1, std=0.1))
+    quantize_model(big)
+    kernel_choice.apply(big, plan)
+    with torch.inference_mode():
+        big.forward(torch.ones(1, linear_kernels.DEQUANTIZED_MIN_ROWS - 1, dtype=torch.long), 0)
+        big.decode_step(torch.ones(40, 1, dtype=torch.long), torch.full((40,), 33), same_position=33)
+        assert ran == []
+        big.forward(torch.ones(1, linear_kernels.DEQUANTIZED_MIN_ROWS, dtype=torch.long), 0)
+    assert len(ran) == len(list(linear_layers(big)))
     override = kernel_choice.check_override("int8,prefill-int8mm,sdpa", None, CPU, torch.float32, "int8")
     plan = kernel_choice.plan_for(m, CPU, torch.float32, override)
     kernel_choice.apply(m, plan)

@@ -220,8 +220,11 @@ def test_model_prefills_the_same_with_native_prefill_attention(config, dtype):
     model.allocate_buffers("cpu", dtype)
     prompts = [torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 90, 41)]
 
+    calls, real = [], native.prefill_attention
+
     def prefill(kernel):
         model.use_prefill_attention(kernel)
+        assert all(block.attention_norm.fused == (kernel == "native-attention") for block in model.layers)
         with torch.inference_mode():
             whole = model.prefill(prompts[1], Segments([0], [0], [90]))
             first = model.prefill(prompts[1][:70], Segments([1], [0], [70]))
@@ -229,13 +232,16 @@ def test_model_prefills_the_same_with_native_prefill_attention(config, dtype):
             several = model.prefill(torch.cat([prompts[0], prompts[2]]), Segments([1, 2], [0, 0], [5, 41]))
         return (whole, torch.cat([first, rest]), several), [layer.cache_k.clone() for layer in model.cache.layers]
 
-    (want, want_cache), (got, got_cache) = prefill("sdpa"), prefill("native-attention")
+    want, want_cache = prefill("sdpa")
+    with pytest.MonkeyPatch.context() as patch:  # the native attention runs: each layer, each chunk
+        patch.setattr(native, "prefill_attention", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+        got, got_cache = prefill("native-attention")
+    assert sorted(calls) == sorted([90, 70, 20, 5, 41] * args.n_layers)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     for g, w in zip(got, want):
         assert ((g - w).norm() / w.norm()).item() < tol
     assert ((got[0] - got[1]).norm() / got[0].norm()).item() < tol  # in chunks as whole
-    assert torch.equal(got_cache[0], want_cache[0])  # the first layer's keys come before any attention
-    for g, w in zip(got_cache[1:], want_cache[1:]):
+    for g, w in zip(got_cache, want_cache):  # the native attention brings the fused RMSNorm and RoPE
         assert ((g.float() - w.float()).norm() / w.float().norm()).item() < tol
 
 
@@ -313,8 +319,14 @@ def test_dequantized_int8_weights_are_torchs_product_bit_for_bit(dtype):
         out = torch.full((rows, cols), float("nan"), dtype=dtype)
         assert native.dequantize_int8(w, scales, out) is out
         assert torch.equal(out, (w.float() * scales[:, None]).to(dtype))
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40])  # NaN stays NaN, as torch's
+    w = torch.full((6, 16), 3, dtype=torch.int8)
+    out = torch.empty(6, 16, dtype=dtype)
+    native.dequantize_int8(w, special, out)
+    want = (w.float() * special[:, None]).to(dtype)
+    assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out[~want.isnan()], want[~want.isnan()])
     with pytest.raises(ValueError, match="cannot dequantize"):
-        native.dequantize_int8(w, scales.bfloat16(), out)  # the kernel reads float32 scales
+        native.dequantize_int8(w, special.bfloat16(), out)  # the kernel reads float32 scales
     with pytest.raises(ValueError, match="cannot dequantize"):
         native.dequantize_int8(w, scales, torch.empty(rows, cols + 1, dtype=dtype))
 

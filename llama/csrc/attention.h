@@ -149,7 +149,7 @@ void decode_attention(const typename Op::T *q, const typename Op::T *k, const ty
 // over the row's keys and values at positions 0..start+S-1 (the chunk's own already written).
 // q, out: (S, H, D), token-major as the projections give them and the output projection takes
 // them; k, v: the row's (KVH, Smax, D). Flash attention: per head and block of kQueryBlock
-// queries, blocks of kKeyBlock keys whose scores come from gemv.h's tiles (8 keys x 2 queries,
+// queries, blocks of kKeyBlock keys whose scores come from gemv.h's tiles (8 keys x 2 queries, 4 x 2 with AVX2,
 // the dtype's dot instructions), then a float32 online softmax (running max and sum per query)
 // and the weighted values in float32, the output rounded once.
 //
@@ -226,6 +226,7 @@ void prefill_attention(const typename Op::T *q, const typename Op::T *k, const t
     std::vector<T> qb(kQueryBlock * D);  // the block's queries for one head, contiguous (as tile_sums reads rows)
     std::vector<float> o(kQueryBlock * D), s(kQueryBlock * kKeyBlock), m(kQueryBlock), l(kQueryBlock);
     float t[16];
+    constexpr int R = Op::kLanes == 16 ? 8 : 4;  // keys per tile: the accumulators the registers hold (32 or 16)
     // the last query blocks see the most keys: handed out first, the threads then even out
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < H * blocks; task++) {
@@ -238,16 +239,16 @@ void prefill_attention(const typename Op::T *q, const typename Op::T *k, const t
       for (int64_t j0 = 0; j0 < keys; j0 += kKeyBlock) {
         const int64_t nk = keys - j0 < kKeyBlock ? keys - j0 : kKeyBlock;
         int64_t j = 0;  // s[i * kKeyBlock + j]: query i0 + i with key j0 + j
-        for (; j + 8 <= nk; j += 8) {
+        for (; j + R <= nk; j += R) {
           int64_t i = 0;
           for (; i + 2 <= nq; i += 2) {
-            tile_sums<Op, 8, 2>(qb.data(), kr, D, j0 + j, i, t);
+            tile_sums<Op, R, 2>(qb.data(), kr, D, j0 + j, i, t);
             for (int a = 0; a < 2; a++)
-              for (int r = 0; r < 8; r++) s[(i + a) * kKeyBlock + j + r] = t[a * 8 + r];
+              for (int r = 0; r < R; r++) s[(i + a) * kKeyBlock + j + r] = t[a * R + r];
           }
           if (i < nq) {
-            tile_sums<Op, 8, 1>(qb.data(), kr, D, j0 + j, i, t);
-            for (int r = 0; r < 8; r++) s[i * kKeyBlock + j + r] = t[r];
+            tile_sums<Op, R, 1>(qb.data(), kr, D, j0 + j, i, t);
+            for (int r = 0; r < R; r++) s[i * kKeyBlock + j + r] = t[r];
           }
         }
         for (; j < nk; j++)
