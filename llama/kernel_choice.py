@@ -306,22 +306,19 @@ def candidates(device: torch.device, dtype: torch.dtype, layout: str) -> List[st
     return names
 
 
-def attention_candidates(device: torch.device, dtype: torch.dtype, head_dim: int) -> List[str]:
-    """The decode attention kernels that can run heads of ``head_dim`` in ``dtype`` on ``device``; ``sdpa`` first."""
-    names = ["sdpa"]
+def attention_candidates(device: torch.device, dtype: torch.dtype, head_dim: int, prefill: bool = False) -> List[str]:
+    """The attention kernels (a decode step's, or with ``prefill`` a prefill's) that can run heads of
+    ``head_dim`` in ``dtype`` on ``device``; ``sdpa`` first."""
+    ours = native.prefill_attention_available if prefill else native.attends
     cpu = torch.device(device).type == "cpu"
-    if cpu and native.available(dtype, cpu_facts()["flags"]) and native.attends(dtype, head_dim):
-        names.append("native-attention")
-    return names
+    if cpu and native.available(dtype, cpu_facts()["flags"]) and ours(dtype, head_dim):
+        return ["sdpa", "native-attention"]
+    return ["sdpa"]
 
 
 def prefill_attention_candidates(device: torch.device, dtype: torch.dtype, head_dim: int) -> List[str]:
-    """The prefill attention kernels that can run heads of ``head_dim`` in ``dtype`` on ``device``; ``sdpa`` first."""
-    names = ["sdpa"]
-    cpu = torch.device(device).type == "cpu"
-    if cpu and native.available(dtype, cpu_facts()["flags"]) and native.prefill_attention_available(dtype, head_dim):
-        names.append("native-attention")
-    return names
+    """:func:`attention_candidates` for a prefill."""
+    return attention_candidates(device, dtype, head_dim, prefill=True)
 
 
 def time_prefill_attention(
@@ -352,16 +349,7 @@ def time_prefill_attention(
         else:
             native.prefill_attention(q, k, v, 0)
 
-    def one_pass(name: str, n: int) -> float:  # seconds per call, over a few milliseconds of calls
-        calls, start = 0, time.perf_counter()
-        while True:
-            call(name, n)
-            calls += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= _ROUND_S / 4:
-                return elapsed / calls
-
-    return _best_of_rounds(one_pass, names, lengths, usage)
+    return _best_of_rounds(lambda name, n: _seconds_per_call(lambda: call(name, n), _ROUND_S / 4), names, lengths, usage)
 
 
 def time_attention(
@@ -391,16 +379,18 @@ def time_attention(
         else:
             native.decode_attention(q, k, v, lengths)
 
-    def one_pass(name: str, b: int) -> float:  # seconds per call, over a few milliseconds of calls
-        calls, start = 0, time.perf_counter()
-        while True:
-            call(name, b)
-            calls += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= _ROUND_S / 8:
-                return elapsed / calls
+    return _best_of_rounds(lambda name, b: _seconds_per_call(lambda: call(name, b), _ROUND_S / 8), names, batches, usage)
 
-    return _best_of_rounds(one_pass, names, batches, usage)
+
+def _seconds_per_call(call, least_s: float) -> float:
+    """Seconds per call of ``call()``, called until ``least_s`` have passed (a pass of :func:`_best_of_rounds`)."""
+    calls, start = 0, time.perf_counter()
+    while True:
+        call()
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= least_s:
+            return elapsed / calls
 
 
 def _best_of_rounds(one_pass, names: List[str], batches: List[int], usage: Optional[Dict[str, float]]) -> Dict[str, Dict[int, float]]:
@@ -511,19 +501,13 @@ def time_prefill(
     rows = list(rows)
     inputs = {r: torch.rand(r, shape[1], generator=gen).to(dtype) for r in rows}
 
-    def one_pass(name: str, r: int) -> float:  # seconds per call, over a few milliseconds of calls
-        calls, start = 0, time.perf_counter()
-        while True:
-            if name == "prefill-int8mm":
-                linear_kernels.int8_linear(inputs[r], weight, scales, torch.float32 if fp32_activations else None)
-            else:
-                linear_kernels.int8_prefill_dequantized(inputs[r], weight, scales, compute)
-            calls += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= _ROUND_S / 4:
-                return elapsed / calls
+    def call(name: str, r: int) -> None:
+        if name == "prefill-int8mm":
+            linear_kernels.int8_linear(inputs[r], weight, scales, torch.float32 if fp32_activations else None)
+        else:
+            linear_kernels.int8_prefill_dequantized(inputs[r], weight, scales, compute)
 
-    best = _best_of_rounds(one_pass, names, rows, usage)
+    best = _best_of_rounds(lambda name, r: _seconds_per_call(lambda: call(name, r), _ROUND_S / 4), names, rows, usage)
     scale = shape[0] / timed_rows
     return {name: {r: t * scale for r, t in per.items()} for name, per in best.items()}
 

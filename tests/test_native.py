@@ -162,6 +162,22 @@ def test_every_decode_attention_entry_point_equals_softmax_attention(dtype, isa)
                                 torch.zeros(1, 2, 4, step, dtype=dtype), torch.tensor([1]))
 
 
+def attention_test_model(config, dtype, max_seq_len):
+    """A 2-layer model with 4 heads ("plain") or 8 heads over 2 kv heads ("gqa"), random weights, 3 cache rows."""
+    from llama.checkpoint import random_state_dict
+    from llama.model import ModelArgs, Transformer
+
+    need(dtype)
+    heads = {"plain": dict(n_heads=4), "gqa": dict(n_heads=8, n_kv_heads=2)}[config]
+    args = ModelArgs(dim=256, n_layers=2, multiple_of=64, vocab_size=300, max_seq_len=max_seq_len, max_batch_size=3, **heads)
+    if not native.attends(dtype, args.head_dim):
+        pytest.skip(f"no native attention for head size {args.head_dim} in {dtype}")
+    model = Transformer(args, dtype=dtype).requires_grad_(False)
+    model.load_state_dict({k: v.to(dtype) for k, v in random_state_dict(args, seed=1, std=0.1).items()})
+    model.allocate_buffers("cpu", dtype)
+    return args, model
+
+
 def causal_reference(q, cache_k, cache_v, start):
     """float64 softmax attention of a prefill chunk q (length, heads, d) at positions start.. over a cache row."""
     length, heads, _ = q.shape
@@ -207,17 +223,7 @@ def test_every_prefill_attention_entry_point_equals_causal_attention(dtype, isa)
 def test_model_prefills_the_same_with_native_prefill_attention(config, dtype):
     """Whole prompts, prompts in chunks (a chunk over a cached prefix) and several rows in one pass: the
     logits and the cache with the native prefill attention against torch's."""
-    from llama.checkpoint import random_state_dict
-    from llama.model import ModelArgs, Transformer
-
-    need(dtype)
-    heads = {"plain": dict(n_heads=4), "gqa": dict(n_heads=8, n_kv_heads=2)}[config]
-    args = ModelArgs(dim=256, n_layers=2, multiple_of=64, vocab_size=300, max_seq_len=128, max_batch_size=3, **heads)
-    if not native.attends(dtype, args.head_dim):
-        pytest.skip(f"no native attention for head size {args.head_dim} in {dtype}")
-    model = Transformer(args, dtype=dtype).requires_grad_(False)
-    model.load_state_dict({k: v.to(dtype) for k, v in random_state_dict(args, seed=1, std=0.1).items()})
-    model.allocate_buffers("cpu", dtype)
+    args, model = attention_test_model(config, dtype, max_seq_len=128)
     prompts = [torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 90, 41)]
 
     calls, real = [], native.prefill_attention
@@ -248,17 +254,7 @@ def test_model_prefills_the_same_with_native_prefill_attention(config, dtype):
 @pytest.mark.parametrize("config", ["plain", "gqa"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda v: str(v).removeprefix("torch."))
 def test_model_decodes_the_same_with_native_attention(config, dtype):
-    from llama.checkpoint import random_state_dict
-    from llama.model import ModelArgs, Transformer
-
-    need(dtype)
-    heads = {"plain": dict(n_heads=4), "gqa": dict(n_heads=8, n_kv_heads=2)}[config]
-    args = ModelArgs(dim=256, n_layers=2, multiple_of=64, vocab_size=300, max_seq_len=64, max_batch_size=3, **heads)
-    if not native.attends(dtype, args.head_dim):
-        pytest.skip(f"no native attention for head size {args.head_dim} in {dtype}")
-    model = Transformer(args, dtype=dtype).requires_grad_(False)
-    model.load_state_dict({k: v.to(dtype) for k, v in random_state_dict(args, seed=1, std=0.1).items()})
-    model.allocate_buffers("cpu", dtype)
+    args, model = attention_test_model(config, dtype, max_seq_len=64)
     prompts = [torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 17, 30)]
 
     def decode(kernel):

@@ -66,38 +66,42 @@ void dot_keys(const typename Op::T *q, const typename Op::T *k, float *scores, i
   }
 }
 
-// scores -> exp(scale * scores - max) in place; returns their sum
+// s[0..n) -> exp(s * scale - m_new) where m_new = max(m, max(s * scale)); returns their sum, sets m = m_new and
+// *correction = exp(m_old - m_new), the factor for what was summed before
 template <class Op>
-float softmax_numerators(float *s, int64_t L, float scale) {
+float online_softmax(float *s, int64_t n, float scale, float &m, float *correction) {
   constexpr int W = Op::kLanes;
   const typename Op::Acc vscale = Op::set1(scale);
-  float m = -INFINITY;
-  int64_t l = 0;
-  if (L >= W) {
+  float bm = -INFINITY;
+  int64_t j = 0;
+  if (n >= W) {
     typename Op::Acc vm = Op::set1(-INFINITY);
-    for (; l + W <= L; l += W) {
-      typename Op::Acc x = Op::mul(Op::loadf(s + l), vscale);
-      Op::storef(s + l, x);
+    for (; j + W <= n; j += W) {
+      const typename Op::Acc x = Op::mul(Op::loadf(s + j), vscale);
+      Op::storef(s + j, x);
       vm = Op::max(vm, x);
     }
-    m = Op::hmax(vm);
+    bm = Op::hmax(vm);
   }
-  for (; l < L; l++) {
-    s[l] *= scale;
-    m = s[l] > m ? s[l] : m;
+  for (; j < n; j++) {
+    s[j] *= scale;
+    bm = s[j] > bm ? s[j] : bm;
   }
-  const typename Op::Acc vmax = Op::set1(m);
+  const float m_new = m > bm ? m : bm;
+  *correction = m == -INFINITY ? 0.0f : expf(m - m_new);
+  m = m_new;
+  const typename Op::Acc vneg = Op::set1(-m_new);
   typename Op::Acc vsum = Op::zero();
-  l = 0;
-  for (; l + W <= L; l += W) {
-    typename Op::Acc e = Op::exp(Op::add(Op::loadf(s + l), Op::mul(vmax, Op::set1(-1.0f))));
-    Op::storef(s + l, e);
+  j = 0;
+  for (; j + W <= n; j += W) {
+    const typename Op::Acc e = Op::exp(Op::add(Op::loadf(s + j), vneg));
+    Op::storef(s + j, e);
     vsum = Op::add(vsum, e);
   }
   float sum = Op::hsum(vsum);
-  for (; l < L; l++) {
-    s[l] = expf(s[l] - m);
-    sum += s[l];
+  for (; j < n; j++) {
+    s[j] = expf(s[j] - m_new);
+    sum += s[j];
   }
   return sum;
 }
@@ -115,7 +119,8 @@ void attend_group(const typename Op::T *q, const typename Op::T *kr, const typen
       continue;
     }
     dot_keys<Op>(q + h * D, kr, scores, L, D);
-    const float inv = 1.0f / softmax_numerators<Op>(scores, L, scale);
+    float m = -INFINITY, unused;  // scores -> exp(scale * scores - their max), in place
+    const float inv = 1.0f / online_softmax<Op>(scores, L, scale, m, &unused);
     if (D % (4 * Op::kLanes) == 0)
       weighted_values<Op, 4>(scores, vr, o, L, D, inv);
     else if (D % (2 * Op::kLanes) == 0)
@@ -156,46 +161,6 @@ void decode_attention(const typename Op::T *q, const typename Op::T *k, const ty
 // Why: torch's CPU flash attention ran a causal prefill at 50-140 GFLOP/s on a Zen 5 EPYC
 // (bfloat16 no faster than float32): 35% of a 512-token bfloat16 prefill of the 110m shape.
 constexpr int64_t kQueryBlock = 16, kKeyBlock = 64;
-
-// s[0..n) -> exp(s * scale - m_new) where m_new = max(m, max(s * scale)); returns their sum, sets m = m_new and
-// *correction = exp(m_old - m_new), the factor for what was summed before
-template <class Op>
-float online_softmax(float *s, int64_t n, float scale, float &m, float *correction) {
-  constexpr int W = Op::kLanes;
-  const typename Op::Acc vscale = Op::set1(scale);
-  float bm = -INFINITY;
-  int64_t j = 0;
-  if (n >= W) {
-    typename Op::Acc vm = Op::set1(-INFINITY);
-    for (; j + W <= n; j += W) {
-      const typename Op::Acc x = Op::mul(Op::loadf(s + j), vscale);
-      Op::storef(s + j, x);
-      vm = Op::max(vm, x);
-    }
-    bm = Op::hmax(vm);
-  }
-  for (; j < n; j++) {
-    s[j] *= scale;
-    bm = s[j] > bm ? s[j] : bm;
-  }
-  const float m_new = m > bm ? m : bm;
-  *correction = m == -INFINITY ? 0.0f : expf(m - m_new);
-  m = m_new;
-  const typename Op::Acc vneg = Op::set1(-m_new);
-  typename Op::Acc vsum = Op::zero();
-  j = 0;
-  for (; j + W <= n; j += W) {
-    const typename Op::Acc e = Op::exp(Op::add(Op::loadf(s + j), vneg));
-    Op::storef(s + j, e);
-    vsum = Op::add(vsum, e);
-  }
-  float sum = Op::hsum(vsum);
-  for (; j < n; j++) {
-    s[j] = expf(s[j] - m_new);
-    sum += s[j];
-  }
-  return sum;
-}
 
 // o[0..D) = o * correction + sum over j < n of p[j] * v[j * D ..]
 template <class Op>
