@@ -15,7 +15,7 @@ void linear(const typename Op::T *x, const typename Op::T *w, typename Op::T *y,
 // the product in float32, then (bfloat16) rounded to nearest even, as torch's
 // (w.float() * scale[:, None]).to(dtype). Prefill with int8 weights runs oneDNN's GEMMs on blocks of
 // rows dequantized by this (llama.linear_kernels.int8_prefill_dequantized): on the 7B shapes they ran
-// 1.3-1.6x (32 rows) and 2.4-2.9x (128 rows) the speed of torch's int8 matmul on a Zen 5 EPYC.
+// 1.0-1.4x (32 rows) and 2.0-2.9x (128 rows) the speed of torch's int8 matmul on a Zen 5 EPYC.
 inline __m256 dequantized8(const int8_t *w, __m256 scale) {
   return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)w))), scale);
 }
