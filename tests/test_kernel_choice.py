@@ -166,6 +166,26 @@ def test_int8_prefill_is_measured_cached_and_overridable(private_cache, monkeypa
     assert {c.source for c in plan.choices.values()} == {"override"} and len(calls) == len(shapes)
 
 
+def test_int8_prefill_is_timed_in_the_activations_of_the_layers_kernel(private_cache, monkeypatch):
+    """int8-fp32 layers multiply in float32 in both prefill kernels: timed so, and cached apart."""
+    if "prefill-dequantized" not in kernel_choice.candidates(CPU, torch.float32, "int8-prefill"):
+        pytest.skip("no native dequantization here: prefill-int8mm is the only candidate")
+    seen = []
+
+    def fake(shape, dtype, names, rows=kernel_choice.PREFILL_ROWS, seed=0, usage=None, fp32_activations=False):
+        seen.append(fp32_activations)
+        return {n: {r: 1e-3 for r in rows} for n in names}
+
+    monkeypatch.setattr(kernel_choice, "time_prefill", fake)
+    monkeypatch.setattr(kernel_choice, "QUIET_SHARE", 0.0)
+    shapes = [("int8", (64, 32)), ("int8-prefill", (64, 32))]
+    for kernel in ("int8-fp32", "int8", "int8-fp32"):  # the third: cached, apart from the second's
+        kernel_choice.choose(shapes, CPU, torch.float32, {"int8": kernel})
+    assert seen == [True, False]
+    entries = json.loads(private_cache.read_text())["entries"]
+    assert sorted(e["facts"].get("fp32_activations", False) for e in entries.values()) == [False, True]
+
+
 def test_prefill_attention_is_measured_and_an_attention_override_names_both(private_cache, monkeypatch):
     _, m = model()
     names = kernel_choice.prefill_attention_candidates(CPU, torch.float32, m.layers[0].attention.head_dim)
