@@ -422,6 +422,11 @@ def _best_of_rounds(one_pass, names: List[str], batches: List[int], usage: Optio
     return best
 
 
+def _timed_rows(shape: Tuple[int, int]) -> int:
+    """The rows of a ``shape`` weight a timing uses: all, or the first of one above ``_MAX_TIMED_ELEMENTS``."""
+    return min(shape[0], max(64, _MAX_TIMED_ELEMENTS // shape[1]))
+
+
 def _random_layer(kernel: str, shape: Tuple[int, int], dtype: torch.dtype, gen: torch.Generator) -> SimpleNamespace:
     """What a kernel reads of a layer (``weight``, ``scales``), random, in that kernel's layout."""
     out_features, in_features = shape
@@ -454,7 +459,7 @@ def time_kernels(
     than from cache; :func:`_best_of_rounds` keeps each kernel's best pass. Shapes above
     ``_MAX_TIMED_ELEMENTS`` are timed on their first rows.
     """
-    rows = min(shape[0], max(64, _MAX_TIMED_ELEMENTS // shape[1]))
+    rows = _timed_rows(shape)
     timed_shape = (rows, shape[1])
     gen = torch.Generator().manual_seed(seed)
     batches = list(batches)
@@ -494,10 +499,10 @@ def time_prefill(
     weight (the first rows of one above ``_MAX_TIMED_ELEMENTS``, as :func:`time_kernels`).
     ``fp32_activations``: both multiply in float32, as they do for ``int8-fp32`` layers."""
     compute = linear_kernels.prefill_compute_dtype(dtype, fp32_activations)
-    timed_rows = min(shape[0], max(64, _MAX_TIMED_ELEMENTS // shape[1]))
+    timed_rows = _timed_rows(shape)
     gen = torch.Generator().manual_seed(seed)
-    weight = torch.randint(-127, 128, (timed_rows, shape[1]), dtype=torch.int8, generator=gen)
-    scales = torch.rand(timed_rows, generator=gen) / 1000
+    layer = _random_layer("int8-gemv", (timed_rows, shape[1]), dtype, gen)  # float32 scales
+    weight, scales = layer.weight, layer.scales
     rows = list(rows)
     inputs = {r: torch.rand(r, shape[1], generator=gen).to(dtype) for r in rows}
 

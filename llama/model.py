@@ -348,11 +348,10 @@ class Attention(nn.Module):
                 if native_prefill:  # causal over the row's positions 0..end-1, token-major in and out
                     outputs.append(native.prefill_attention(xq[0, offset : offset + length], cache.cache_k[row],
                                                             cache.cache_v[row], start))  # (length, heads, head_dim)
-                    offset += length
-                    continue
-                q = xq[:, offset : offset + length].transpose(1, 2)  # (1, heads, length, head_dim)
-                keys, values = cache.cache_k[row : row + 1, :, :end], cache.cache_v[row : row + 1, :, :end]
-                outputs.append(self._attend(q, keys, values, mask))
+                else:
+                    q = xq[:, offset : offset + length].transpose(1, 2)  # (1, heads, length, head_dim)
+                    keys, values = cache.cache_k[row : row + 1, :, :end], cache.cache_v[row : row + 1, :, :end]
+                    outputs.append(self._attend(q, keys, values, mask))
                 offset += length
             if native_prefill:
                 # (tokens, heads, head_dim) -> (1, tokens, heads * head_dim)

@@ -120,7 +120,7 @@ void decode_step(const StepModel &md, const int64_t *tokens, const int64_t *posi
     };
     auto norm = [&](const void *weight) {
 #pragma omp for schedule(static)
-      for (int64_t b = 0; b < M; b++) rms_norm<Op>(h + b * dim, (const T *)weight, xn + b * dim, 1, dim, md.eps);
+      for (int64_t b = 0; b < M; b++) rms_norm<Op>(h + b * dim, (const T *)weight, xn + b * dim, dim, md.eps);
     };
 
     for (int64_t l = 0; l < md.n_layers; l++) {
@@ -145,8 +145,8 @@ void decode_step(const StepModel &md, const int64_t *tokens, const int64_t *posi
         const int64_t b = task / KVH, g = task % KVH, pos = positions[b], row = rows ? rows[b] : b;
         const float *c = md.rope_cos + pos * half, *sn = md.rope_sin + pos * half;
         T *ck = (T *)L.cache_k + ((row * KVH + g) * S) * D, *cv = (T *)L.cache_v + ((row * KVH + g) * S) * D;
-        rope(q + b * qdim + g * rep * D, c, sn, q + b * qdim + g * rep * D, 1, 1, rep, D, 1);
-        rope(k + b * kvdim + g * D, c, sn, ck + pos * D, 1, 1, 1, D, 1);
+        rope_token(q + b * qdim + g * rep * D, c, sn, q + b * qdim + g * rep * D, rep, D);
+        rope_token(k + b * kvdim + g * D, c, sn, ck + pos * D, 1, D);
         memcpy(cv + pos * D, v + b * kvdim + g * D, D * sizeof(T));
         attend_group<Op>(q + b * qdim, ck, cv, attn + b * qdim, g, rep, pos + 1, D, scale, scores.data());
       }

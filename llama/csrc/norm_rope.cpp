@@ -12,7 +12,7 @@ template <class Op>
 void rms_norm_rows(const typename Op::T *x, const typename Op::T *w, typename Op::T *y, int64_t R, int64_t D, float eps,
                    int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (R * D >= kParallelElements)
-  for (int64_t r = 0; r < R; r++) rms_norm<Op>(x + r * D, w, y + r * D, 1, D, eps);
+  for (int64_t r = 0; r < R; r++) rms_norm<Op>(x + r * D, w, y + r * D, D, eps);
 }
 
 template <class T>

@@ -15,24 +15,20 @@
 
 namespace {
 
-// y[r] = round(round(x[r] * rsqrt(mean(x[r]^2) + eps)) * w) for each of the R rows of D elements
+// y = round(round(x * rsqrt(mean(x^2) + eps)) * w) for one row of D elements
 template <class Op>
-void rms_norm(const typename Op::T *x, const typename Op::T *w, typename Op::T *y, int64_t R, int64_t D, float eps) {
+void rms_norm(const typename Op::T *x, const typename Op::T *w, typename Op::T *y, int64_t D, float eps) {
   using T = typename Op::T;
-  for (int64_t r = 0; r < R; r++) {
-    const T *xr = x + r * D;
-    T *yr = y + r * D;
-    typename Op::Acc ss = Op::zero();
-    for (int64_t d = 0; d < D; d += Op::kLanes) {
-      typename Op::Acc v = Op::widen(xr + d);
-      ss = Op::fmadd(v, v, ss);
-    }
-    const typename Op::Acc scale = Op::set1(1.0f / sqrtf(Op::hsum(ss) / (float)D + eps));
-    for (int64_t d = 0; d < D; d += Op::kLanes) {
-      T normed[Op::kLanes];  // rounded to x's dtype, as type_as(x) does
-      Op::store(normed, Op::mul(Op::widen(xr + d), scale));
-      Op::store(yr + d, Op::mul(Op::widen(normed), Op::widen(w + d)));
-    }
+  typename Op::Acc ss = Op::zero();
+  for (int64_t d = 0; d < D; d += Op::kLanes) {
+    typename Op::Acc v = Op::widen(x + d);
+    ss = Op::fmadd(v, v, ss);
+  }
+  const typename Op::Acc scale = Op::set1(1.0f / sqrtf(Op::hsum(ss) / (float)D + eps));
+  for (int64_t d = 0; d < D; d += Op::kLanes) {
+    T normed[Op::kLanes];  // rounded to x's dtype, as type_as(x) does
+    Op::store(normed, Op::mul(Op::widen(x + d), scale));
+    Op::store(y + d, Op::mul(Op::widen(normed), Op::widen(w + d)));
   }
 }
 
@@ -48,15 +44,5 @@ inline void rope_token(const T *x, const float *c, const float *sn, T *y, int64_
     }
 }
 
-// y = x with each adjacent pair (x[2i], x[2i+1]) of every head rotated by its token's angle:
-// x, y (B, S, H, D); cos, sin (B or 1, S, D/2) float32, cos_rows = B or 1
-template <class T>
-void rope(const T *x, const float *cos, const float *sin, T *y, int64_t B, int64_t S, int64_t H, int64_t D, int64_t cos_rows) {
-  for (int64_t b = 0; b < B; b++)
-    for (int64_t s = 0; s < S; s++) {
-      const int64_t t = (cos_rows == 1 ? 0 : b) * S + s;
-      rope_token(x + (b * S + s) * H * D, cos + t * D / 2, sin + t * D / 2, y + (b * S + s) * H * D, H, D);
-    }
-}
 }  // namespace
 
