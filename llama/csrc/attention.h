@@ -20,7 +20,6 @@
 
 #include <vector>
 
-#include "gemv.h"
 #include "simd.h"
 
 namespace {
@@ -154,30 +153,94 @@ void decode_attention(const typename Op::T *q, const typename Op::T *k, const ty
 // over the row's keys and values at positions 0..start+S-1 (the chunk's own already written).
 // q, out: (S, H, D), token-major as the projections give them and the output projection takes
 // them; k, v: the row's (KVH, Smax, D). Flash attention: per head and block of kQueryBlock
-// queries, blocks of kKeyBlock keys whose scores come from gemv.h's tiles (8 keys x 2 queries, 4 x 2 with AVX2,
-// the dtype's dot instructions), then a float32 online softmax (running max and sum per query)
-// and the weighted values in float32, the output rounded once.
+// queries, blocks of kKeyBlock keys; a block's scores Q K^T and its weighted values P V are
+// small matrix products (pair_product: RQ queries x NV vectors of accumulators, each element of
+// the left operand broadcast, the dtype's dot instruction: vdpbf16ps on pairs in bfloat16), with a
+// float32 online softmax (running max and sum per query) between them; the output rounded once.
+// In bfloat16 the probabilities P are rounded to bfloat16 for P V, as torch's flash attention does.
+//
+// The right operands are packed first, once per call, for all query blocks to share (32-bit
+// units: a float32, or a pair of bfloat16): K^T per key block (kKeyBlock keys of each unit of D
+// contiguous, by gathers) and, in bfloat16, V with each two keys' elements interleaved (the pairs
+// vdpbf16ps multiplies); float32 V is read in place. Keys past the chunk's end are zeros.
 //
 // Why: torch's CPU flash attention ran a causal prefill at 50-140 GFLOP/s on a Zen 5 EPYC
-// (bfloat16 no faster than float32): 35% of a 512-token bfloat16 prefill of the 110m shape.
+// (bfloat16 no faster than float32): 35% of a 512-token bfloat16 prefill of the 110m shape; the
+// previous kernel of ours (dot products summed across lanes, float32 P V) ran at 120-230.
 constexpr int64_t kQueryBlock = 16, kKeyBlock = 64;
 
-// o[0..D) = o * correction + sum over j < n of p[j] * v[j * D ..]
-template <class Op>
-void add_weighted_values(float *o, const float *p, const typename Op::T *v, int64_t n, int64_t D, float correction) {
-  constexpr int NC = 4;  // accumulators per pass: D = 64 (float32) or 128 (bfloat16) in one pass on AVX-512
-  for (int64_t d0 = 0; d0 < D; d0 += NC * Op::kLanes) {
-    const int nc = (D - d0) / Op::kLanes < NC ? (int)((D - d0) / Op::kLanes) : NC;
-    typename Op::Acc acc[NC];
-    for (int c = 0; c < NC; c++) acc[c] = c < nc ? Op::mul(Op::loadf(o + d0 + c * Op::kLanes), Op::set1(correction)) : Op::zero();
-    for (int64_t j = 0; j < n; j++) {
-      const typename Op::Acc pj = Op::set1(p[j]);
-      const typename Op::T *row = v + j * D + d0;
-#pragma GCC unroll 4
-      for (int c = 0; c < NC; c++)
-        if (c < nc) acc[c] = Op::fmadd(pj, Op::widen(row + c * Op::kLanes), acc[c]);
+// C[i * ldc + v * kLanes ..] (+)= sum over t < steps of A[i * lda + t * kPair ..] (one step's elements, in
+// every lane) times B[t * ldb + v * kLanes * kPair ..], for i < RQ and v < NV: C holds float32
+template <class Op, int RQ, int NV>
+__attribute__((always_inline)) inline void pair_tile(const typename Op::T *__restrict A, int64_t lda, const typename Op::T *__restrict B,
+                                                     int64_t ldb, int64_t steps, float *C, int64_t ldc, bool accumulate) {
+  typename Op::Acc c[RQ * NV];
+#pragma GCC unroll 32
+  for (int i = 0; i < RQ * NV; i++) c[i] = accumulate ? Op::loadf(C + (i / NV) * ldc + (i % NV) * Op::kLanes) : Op::zero();
+  for (int64_t t = 0; t < steps; t++) {
+    typename Op::PA a[RQ];
+#pragma GCC unroll 8
+    for (int i = 0; i < RQ; i++) a[i] = Op::bcast_pair(A + i * lda + t * Op::kPair);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; v++) {
+      const typename Op::PB b = Op::load_pairs(B + t * ldb + v * Op::kLanes * Op::kPair);
+#pragma GCC unroll 8
+      for (int i = 0; i < RQ; i++) c[i * NV + v] = Op::madd_pairs(c[i * NV + v], a[i], b);
     }
-    for (int c = 0; c < nc; c++) Op::storef(o + d0 + c * Op::kLanes, acc[c]);
+  }
+#pragma GCC unroll 32
+  for (int i = 0; i < RQ * NV; i++) Op::storef(C + (i / NV) * ldc + (i % NV) * Op::kLanes, c[i]);
+}
+
+// rows r of RQ at a time (1 <= r <= RQ) over vectors vectors, NV at a time (then one at a time)
+template <class Op, int RQ, int NV, int r = RQ>
+void pair_rows(const typename Op::T *A, int64_t lda, const typename Op::T *B, int64_t ldb, int64_t steps, float *C,
+               int64_t ldc, int64_t vectors, bool accumulate) {
+  int64_t v = 0;
+  for (; v + NV <= vectors; v += NV)
+    pair_tile<Op, r, NV>(A, lda, B + v * Op::kLanes * Op::kPair, ldb, steps, C + v * Op::kLanes, ldc, accumulate);
+  for (; v < vectors; v++)
+    pair_tile<Op, r, 1>(A, lda, B + v * Op::kLanes * Op::kPair, ldb, steps, C + v * Op::kLanes, ldc, accumulate);
+}
+
+// C (rows x vectors * kLanes) (+)= A (rows x steps * kPair) B: see pair_tile
+// One query's scores s[0..kKeyBlock) against a block of keys, of which the first n (1..kKeyBlock) count,
+// in base 2 (scaled by the softmax's scale / ln 2, m in the same units): as online_softmax, in
+// vectors (lanes past n masked), and the probabilities written to probs (zeros past n), in T
+template <class Op>
+float block_softmax(const float *s, int64_t n, float scale2, float &m, float *correction, typename Op::T *probs) {
+  constexpr int L = Op::kLanes;
+  typename Op::Acc vm = Op::set1(-INFINITY);
+  for (int64_t j = 0; j < n; j += L) vm = Op::max(vm, Op::keep(Op::loadf(s + j), n - j, -INFINITY));
+  const float bm = Op::hmax(vm) * scale2, m_new = m > bm ? m : bm;  // scale2 > 0: the max of the scaled scores
+  *correction = m == -INFINITY ? 0.0f : exp2f(m - m_new);
+  m = m_new;
+  const typename Op::Acc vscale = Op::set1(scale2), vneg = Op::set1(-m_new);
+  typename Op::Acc vsum = Op::zero();
+  for (int64_t j = 0; j < kKeyBlock; j += L) {
+    typename Op::Acc e = Op::zero();
+    if (j < n) {
+      e = Op::keep(Op::exp2(Op::fmadd(Op::loadf(s + j), vscale, vneg)), n - j, 0.0f);
+      vsum = Op::add(vsum, e);
+    }
+    Op::store(probs + j, e);
+  }
+  return Op::hsum(vsum);
+}
+
+template <class Op, int RQ, int NV>
+void pair_product(const typename Op::T *A, int64_t lda, int64_t rows, const typename Op::T *B, int64_t ldb, int64_t steps,
+                  float *C, int64_t ldc, int64_t vectors, bool accumulate) {
+  int64_t i = 0;
+  for (; i + RQ <= rows; i += RQ) pair_rows<Op, RQ, NV>(A + i * lda, lda, B, ldb, steps, C + i * ldc, ldc, vectors, accumulate);
+  if (i == rows) return;
+  const typename Op::T *a = A + i * lda;
+  float *c = C + i * ldc;
+  static_assert(RQ <= 4, "the tail rows below are 1, 2 or 3");
+  switch (rows - i) {
+    case 1: pair_rows<Op, RQ, NV, 1>(a, lda, B, ldb, steps, c, ldc, vectors, accumulate); break;
+    case 2: if constexpr (RQ > 2) pair_rows<Op, RQ, NV, 2>(a, lda, B, ldb, steps, c, ldc, vectors, accumulate); break;
+    case 3: if constexpr (RQ > 3) pair_rows<Op, RQ, NV, 3>(a, lda, B, ldb, steps, c, ldc, vectors, accumulate); break;
   }
 }
 
@@ -185,57 +248,76 @@ template <class Op>
 void prefill_attention(const typename Op::T *q, const typename Op::T *k, const typename Op::T *v, typename Op::T *out,
                        int64_t S, int64_t start, int64_t H, int64_t KVH, int64_t Smax, int64_t D, float scale, int threads) {
   using T = typename Op::T;
-  const int64_t rep = H / KVH, blocks = (S + kQueryBlock - 1) / kQueryBlock;
+  constexpr int P = Op::kPair, L = Op::kLanes;
+  constexpr int RQ = L == 16 ? 4 : 2, NV = 4;  // accumulators RQ x NV: 16 of the 32 registers (AVX-512), 8 of 16 (AVX2)
+  static_assert(kKeyBlock % (L * P) == 0 && sizeof(T) * P == 4, "a lane holds one 32-bit unit");
+  const float scale2 = scale * 1.4426950408889634f;  // softmax in base 2: e^(x scale) = 2^(x scale / ln 2)
+  const int64_t rep = H / KVH, blocks = (S + kQueryBlock - 1) / kQueryBlock, keys_all = start + S;
+  const int64_t key_blocks = (keys_all + kKeyBlock - 1) / kKeyBlock, units = D / P;  // units: 32-bit units of a row
+  // packed operands, this calling thread's, reused from call to call (at most the row's keys and values again)
+  static thread_local std::vector<uint32_t> packed_k, packed_v;
+  packed_k.resize(KVH * key_blocks * kKeyBlock * units);
+  if constexpr (P == 2) packed_v.resize(KVH * ((keys_all + 1) / 2) * D);
+  uint32_t *kt = packed_k.data(), *vp = packed_v.data();
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<T> qb(kQueryBlock * D);  // the block's queries for one head, contiguous (as tile_sums reads rows)
-    std::vector<float> o(kQueryBlock * D), s(kQueryBlock * kKeyBlock), m(kQueryBlock), l(kQueryBlock);
-    float t[16];
-    constexpr int R = Op::kLanes == 16 ? 8 : 4;  // keys per tile: the accumulators the registers hold (32 or 16)
+    // K^T: kt[((g * key_blocks + b) * units + u) * kKeyBlock + j] = unit u of key b * kKeyBlock + j of kv head g
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < KVH * key_blocks; task++) {
+      const int64_t g = task / key_blocks, j0 = (task % key_blocks) * kKeyBlock;
+      const uint32_t *rows = (const uint32_t *)(k + (g * Smax + j0) * D);
+      for (int64_t u = 0; u < units; u++)
+        for (int64_t j = 0; j < kKeyBlock; j += L)
+          Op::gather_units(rows + j * units + u, units, keys_all - j0 - j, kt + (task * units + u) * kKeyBlock + j);
+      if constexpr (P == 2) {  // V: vp[(g * pairs + t) * D + d] = element d of keys 2t and 2t + 1 of kv head g
+        const int64_t pairs = (keys_all + 1) / 2;
+        for (int64_t t = j0 / 2; t < (j0 + kKeyBlock) / 2 && t < pairs; t++) {
+          const uint16_t *first = (const uint16_t *)(v + (g * Smax + 2 * t) * D);
+          const uint16_t *second = 2 * t + 1 < keys_all ? first + D : nullptr;
+          for (int64_t d = 0; d < D; d += L) Op::interleave16(first + d, second ? second + d : nullptr, vp + (g * pairs + t) * D + d);
+        }
+      }
+    }  // (the implied barrier: every block packed before any is read)
+    std::vector<float> s(kQueryBlock * kKeyBlock), o(kQueryBlock * D), m(kQueryBlock), l(kQueryBlock);
+    std::vector<T> p(P == 1 ? 0 : kQueryBlock * kKeyBlock);  // bfloat16 probabilities (float32 ones stay in s)
     // the last query blocks see the most keys: handed out first, the threads then even out
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < H * blocks; task++) {
-      const int64_t h = task % H, i0 = (blocks - 1 - task / H) * kQueryBlock;
+      const int64_t h = task % H, g = h / rep, i0 = (blocks - 1 - task / H) * kQueryBlock;
       const int64_t nq = S - i0 < kQueryBlock ? S - i0 : kQueryBlock, keys = start + i0 + nq;
-      const T *kr = k + (h / rep) * Smax * D, *vr = v + (h / rep) * Smax * D;
-      for (int64_t i = 0; i < nq; i++) memcpy(qb.data() + i * D, q + ((i0 + i) * H + h) * D, D * sizeof(T));
+      const T *qh = q + (i0 * H + h) * D;  // query i0 + i of head h: qh + i * H * D
+      const T *kth = (const T *)(kt + g * key_blocks * units * kKeyBlock);
+      const T *vh = P == 1 ? v + g * Smax * D : (const T *)(vp + g * ((keys_all + 1) / 2) * D);  // row t: keys t * P..
+      const T *probs = P == 1 ? (const T *)s.data() : p.data();
       for (int64_t i = 0; i < nq; i++) m[i] = -INFINITY, l[i] = 0.0f;
       std::fill(o.begin(), o.end(), 0.0f);
       for (int64_t j0 = 0; j0 < keys; j0 += kKeyBlock) {
         const int64_t nk = keys - j0 < kKeyBlock ? keys - j0 : kKeyBlock;
-        int64_t j = 0;  // s[i * kKeyBlock + j]: query i0 + i with key j0 + j
-        for (; j + R <= nk; j += R) {
-          int64_t i = 0;
-          for (; i + 2 <= nq; i += 2) {
-            tile_sums<Op, R, 2>(qb.data(), kr, D, j0 + j, i, t);
-            for (int a = 0; a < 2; a++)
-              for (int r = 0; r < R; r++) s[(i + a) * kKeyBlock + j + r] = t[a * R + r];
-          }
-          if (i < nq) {
-            tile_sums<Op, R, 1>(qb.data(), kr, D, j0 + j, i, t);
-            for (int r = 0; r < R; r++) s[i * kKeyBlock + j + r] = t[r];
-          }
-        }
-        for (; j < nk; j++)
-          for (int64_t i = 0; i < nq; i++) {
-            tile_sums<Op, 1, 1>(qb.data(), kr, D, j0 + j, i, t);
-            s[i * kKeyBlock + j] = t[0];
-          }
+        // s[i * kKeyBlock + j] = query i0 + i . key j0 + j
+        pair_product<Op, RQ, NV>(qh, H * D, nq, kth + (j0 / kKeyBlock) * units * kKeyBlock * P, kKeyBlock * P, units,
+                                 s.data(), kKeyBlock, kKeyBlock / L, false);
         for (int64_t i = 0; i < nq; i++) {
           const int64_t seen = start + i0 + i + 1 - j0;  // keys of this block that query i0 + i sees
           const int64_t n = seen < nk ? seen : nk;
-          if (n <= 0) continue;
-          float correction;
           float *si = s.data() + i * kKeyBlock;
-          const float sum = online_softmax<Op>(si, n, scale, m[i], &correction);
+          T *pi = P == 1 ? (T *)si : p.data() + i * kKeyBlock;  // float32 probabilities over the scores
+          if (n <= 0) {  // masked, or past the keys: no weight
+            for (int64_t j = 0; j < kKeyBlock; j += L) Op::store(pi + j, Op::zero());
+            continue;
+          }
+          float correction;
+          const float sum = block_softmax<Op>(si, n, scale2, m[i], &correction, pi);
           l[i] = l[i] * correction + sum;
-          add_weighted_values<Op>(o.data() + i * D, si, vr + j0 * D, n, D, correction);
+          if (correction != 1.0f)
+            for (int64_t d = 0; d < D; d += L) Op::storef(o.data() + i * D + d, Op::mul(Op::loadf(o.data() + i * D + d), Op::set1(correction)));
         }
+        // o[i * D ..] += sum over keys of probs[i * kKeyBlock + j] * value j0 + j
+        pair_product<Op, RQ, NV>(probs, kKeyBlock, nq, vh + (j0 / P) * D * P, D * P, (nk + P - 1) / P, o.data(), D, D / L, true);
       }
       for (int64_t i = 0; i < nq; i++) {
         const typename Op::Acc inv = Op::set1(1.0f / l[i]);
         T *dst = out + ((i0 + i) * H + h) * D;
-        for (int64_t d = 0; d < D; d += Op::kLanes) Op::store(dst + d, Op::mul(Op::loadf(o.data() + i * D + d), inv));
+        for (int64_t d = 0; d < D; d += L) Op::store(dst + d, Op::mul(Op::loadf(o.data() + i * D + d), inv));
       }
     }
   }

@@ -20,15 +20,6 @@ inline __m256 dequantized8(const int8_t *w, __m256 scale) {
   return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)w))), scale);
 }
 
-inline __m256i bf16_bits8(__m256 v) {  // as to_bf16: to nearest even, NaN stays NaN; in the low 16 bits of each lane
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd), 16);
-  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
-  const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-  return _mm256_blendv_epi8(rounded, quiet, nan);
-}
-
 template <class T>
 void dequantize_i8(const int8_t *w, const float *scales, T *y, int64_t N, int64_t K, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
