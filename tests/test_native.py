@@ -200,7 +200,7 @@ def test_every_prefill_attention_entry_point_equals_causal_attention(dtype, isa)
     step = entry.step
     gen = torch.Generator().manual_seed(0)
     # (length, start, heads, kv heads, cache length, head size): one token; a chunk continuing a cached prefix;
-    # more queries than a block (16) and keys than a block (64), not multiples of them; grouped heads down to one
+    # more queries than a block (32) and keys than a block (64), not multiples of them; grouped heads down to one
     for length, start, heads, kv_heads, seq, head_dim in [
         (1, 0, 4, 4, 8, step), (7, 0, 4, 2, 16, 2 * step), (37, 5, 6, 2, 64, step), (130, 0, 4, 4, 160, 2 * step),
         (70, 100, 8, 1, 200, 4 * step), (3, 61, 2, 2, 64, step),
