@@ -588,8 +588,9 @@ def prefill_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Ten
     ``start..start+length-1`` of one cache row, over that row's keys and values ``cache_k``,
     ``cache_v`` (kv_heads, max_seq_len, head_dim) at positions ``0..start+length-1`` (the chunk's
     own already written); query head ``h`` reads kv head ``h // (heads // kv_heads)``.
-    Returns (length, heads, head_dim) in q's dtype: float32 scores, softmax and sums
-    (``csrc/attention.h``). Needs :func:`prefill_attends` (``ValueError`` otherwise)."""
+    Returns (length, heads, head_dim) in q's dtype: float32 scores, softmax and sums; in bfloat16
+    the probabilities are rounded to bfloat16 for their product with the values, as torch's flash
+    attention does (``csrc/attention.h``). Needs :func:`prefill_attends` (``ValueError`` otherwise)."""
     length, heads, head_dim = q.shape
     if not (prefill_attends(q, cache_k) and cache_v.shape == cache_k.shape and cache_v.dtype == q.dtype
             and cache_v.is_contiguous() and 0 <= start and start + length <= cache_k.shape[1]):

@@ -203,7 +203,6 @@ void pair_rows(const typename Op::T *A, int64_t lda, const typename Op::T *B, in
     pair_tile<Op, r, 1>(A, lda, B + v * Op::kLanes * Op::kPair, ldb, steps, C + v * Op::kLanes, ldc, accumulate);
 }
 
-// C (rows x vectors * kLanes) (+)= A (rows x steps * kPair) B: see pair_tile
 // One query's scores s[0..kKeyBlock) against a block of keys, of which the first n (1..kKeyBlock) count,
 // in base 2 (scaled by the softmax's scale / ln 2, m in the same units): as online_softmax, in
 // vectors (lanes past n masked), and the probabilities written to probs (zeros past n), in T
@@ -228,6 +227,7 @@ float block_softmax(const float *s, int64_t n, float scale2, float &m, float *co
   return Op::hsum(vsum);
 }
 
+// C (rows x vectors * kLanes) (+)= A (rows x steps * kPair) B: see pair_tile
 template <class Op, int RQ, int NV>
 void pair_product(const typename Op::T *A, int64_t lda, int64_t rows, const typename Op::T *B, int64_t ldb, int64_t steps,
                   float *C, int64_t ldc, int64_t vectors, bool accumulate) {
@@ -236,7 +236,7 @@ void pair_product(const typename Op::T *A, int64_t lda, int64_t rows, const type
   if (i == rows) return;
   const typename Op::T *a = A + i * lda;
   float *c = C + i * ldc;
-  static_assert(RQ <= 4, "the tail rows below are 1, 2 or 3");
+  static_assert(RQ <= 4, "the tail rows below are 1, 2 or 3");  // (RQ = 2 leaves only 1)
   switch (rows - i) {
     case 1: pair_rows<Op, RQ, NV, 1>(a, lda, B, ldb, steps, c, ldc, vectors, accumulate); break;
     case 2: if constexpr (RQ > 2) pair_rows<Op, RQ, NV, 2>(a, lda, B, ldb, steps, c, ldc, vectors, accumulate); break;
@@ -249,12 +249,16 @@ void prefill_attention(const typename Op::T *q, const typename Op::T *k, const t
                        int64_t S, int64_t start, int64_t H, int64_t KVH, int64_t Smax, int64_t D, float scale, int threads) {
   using T = typename Op::T;
   constexpr int P = Op::kPair, L = Op::kLanes;
-  constexpr int RQ = L == 16 ? 4 : 2, NV = 4;  // accumulators RQ x NV: 16 of the 32 registers (AVX-512), 8 of 16 (AVX2)
+  // RQ x NV accumulators: 16 of the 32 registers with AVX-512; with AVX2's 16, 12 in float32 and 8 in bfloat16 (whose
+  // broadcasts and operands take two registers each): the fastest of the shapes tried on a Zen 5 running the AVX2 code
+  constexpr int RQ = L == 16 ? 4 : (P == 1 ? 3 : 2), NV = 4;
   static_assert(kKeyBlock % (L * P) == 0 && sizeof(T) * P == 4, "a lane holds one 32-bit unit");
   const float scale2 = scale * 1.4426950408889634f;  // softmax in base 2: e^(x scale) = 2^(x scale / ln 2)
   const int64_t rep = H / KVH, blocks = (S + kQueryBlock - 1) / kQueryBlock, keys_all = start + S;
   const int64_t key_blocks = (keys_all + kKeyBlock - 1) / kKeyBlock, units = D / P;  // units: 32-bit units of a row
-  // packed operands, this calling thread's, reused from call to call (at most the row's keys and values again)
+  // packed operands, this calling thread's, reused from call to call (at most the row's keys and values again,
+  // kept at the largest size a call needed). Packed anew at each call, as a chunk's keys join the row: O(keys x D)
+  // per kv head against the attention's O(chunk x keys x D) per head
   static thread_local std::vector<uint32_t> packed_k, packed_v;
   packed_k.resize(KVH * key_blocks * kKeyBlock * units);
   if constexpr (P == 2) packed_v.resize(KVH * ((keys_all + 1) / 2) * D);
