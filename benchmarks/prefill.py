@@ -9,9 +9,11 @@ chosen on this machine), prompts of several lengths from position 0 are prefille
 and, for an int8 model (``quantize="int8"``, float32 activations), its layers' prefill by
 ``prefill-dequantized`` and by torch's int8 matmul (``prefill-int8mm``). The ways alternate, round
 after round, and the best time of each counts; the logits of each way are compared with the
-first's. Run it alone on the machine::
+first's. Then the prefill attention alone (``--attention-shapes``: the heads of those shapes), ours
+and torch's ``sdpa``, causal from position 0, in GFLOP/s (4 * length^2 / 2 * head size per head: the
+causal half of Q K^T and P V), timed as the kernel chooser times it. Run it alone on the machine::
 
-    python benchmarks/prefill.py --shape 110m --threads 2 [--lengths 128,512,2000] [--out results/NAME.json]
+    python benchmarks/prefill.py --shape 110m --threads 2 [--lengths 128,512,2000] [--attention-shapes 110m,7b] [--out results/NAME.json]
 """
 
 import argparse
@@ -28,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench  # noqa: E402  (benchmarks/bench.py: machine facts, random checkpoints)
-from llama import Llama, native  # noqa: E402
+from llama import Llama, kernel_choice, native  # noqa: E402
 from llama.model import RMSNorm, Segments  # noqa: E402
 from llama.parallel_layers import linear_layers  # noqa: E402
 
@@ -78,12 +80,31 @@ def measure(model, ways, length: int, rounds: int) -> dict:
             for name, t in best.items()}
 
 
+def attention_alone(shape: str, lengths, dtypes=(torch.float32, torch.bfloat16)) -> dict:
+    """The prefill attention for the heads of ``shape``: ms and GFLOP/s of ours and torch's per dtype and length."""
+    params = bench.SHAPES[shape]
+    heads = params["n_heads"]
+    kv_heads, head_dim = params.get("n_kv_heads", heads), params["dim"] // heads
+    result = {"heads": heads, "kv_heads": kv_heads, "head_dim": head_dim}
+    for dtype in dtypes:
+        names = kernel_choice.prefill_attention_candidates(torch.device("cpu"), dtype, head_dim)
+        times = kernel_choice.time_prefill_attention((heads, kv_heads, head_dim), dtype, names, lengths)
+        result[str(dtype).removeprefix("torch.")] = {
+            name: {n: {"ms": round(1000 * t, 3), "gflop_s": round(4 * n * n / 2 * head_dim * heads / t / 1e9, 1)}
+                   for n, t in per_length.items()} for name, per_length in times.items()}
+        for name, per_length in result[str(dtype).removeprefix("torch.")].items():
+            cells = "   ".join(f"{n:5} tokens {r['ms']:9.3f} ms {r['gflop_s']:6.0f} GFLOP/s" for n, r in per_length.items())
+            print(f"attention {shape:5} {heads}x{kv_heads}x{head_dim} {str(dtype).removeprefix('torch.'):9} {name:17} {cells}")
+    return result
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="110m", choices=sorted(bench.SHAPES))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--lengths", default="128,512,2000")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--attention-shapes", default="110m,7b", help="the heads to time the prefill attention alone for ('' for none)")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     if a.threads:
@@ -109,6 +130,7 @@ def main(argv=None) -> int:
                           f"{r['vs_first']:6.2f}x of the first (logits {r['logits_rel_diff']:.1e})")
             result["runs"][label] = run
             del llama
+    result["attention"] = {shape: attention_alone(shape, lengths) for shape in filter(None, a.attention_shapes.split(","))}
     result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     if a.out:
         a.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -60,3 +60,27 @@ def test_bench_against_transformers_with_int8():
     assert all(row["tokens_equal_to_ours"] == 1.0 for row in hf_rows)
     assert r["impl_notes"]["hf"]["kv_cache"] == "dynamic"
     assert r["load"]["hf"]["s"] > 0
+
+
+def test_prefill_benchmark_runs_on_the_tiny_shape(tmp_path):
+    """benchmarks/prefill.py: each way of each model compared with the first, and the attention alone, in its JSON."""
+    out = tmp_path / "prefill.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "prefill.py"), "--shape", "tiny", "--threads", "1",
+                             "--lengths", "16,40", "--rounds", "1", "--attention-shapes", "tiny", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    r = json.loads(out.read_text())
+    assert set(r["runs"]) == {"float32", "bfloat16", "float32 int8"}
+    for run in r["runs"].values():
+        assert set(run["lengths"]) == {"16", "40"}
+        for ways in run["lengths"].values():
+            first = next(iter(ways.values()))
+            assert first["vs_first"] == 1.0 and first["logits_rel_diff"] == 0.0
+            assert all(w["ms"] > 0 and w["logits_rel_diff"] < 0.05 for w in ways.values())
+    attention = r["attention"]["tiny"]
+    assert (attention["heads"], attention["kv_heads"], attention["head_dim"]) == (4, 4, 16)
+    for dtype in ("float32", "bfloat16"):
+        assert "sdpa" in attention[dtype]
+        for per_length in attention[dtype].values():
+            assert set(per_length) == {"16", "40"} and all(x["gflop_s"] > 0 for x in per_length.values())
