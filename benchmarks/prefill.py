@@ -9,7 +9,8 @@ chosen on this machine), prompts of several lengths from position 0 are prefille
 and, for an int8 model (``quantize="int8"``, float32 activations), its layers' prefill by
 ``prefill-dequantized`` and by torch's int8 matmul (``prefill-int8mm``). The ways alternate, round
 after round, and the best time of each counts; the logits of each way are compared with the
-first's. Then the prefill attention alone (``--attention-shapes``: the heads of those shapes), ours
+first's. The float32 and bfloat16 models as built are then timed alternating, round after round (their
+ratio, free of the machine's drift between sections). Then the prefill attention alone (``--attention-shapes``: the heads of those shapes), ours
 and torch's ``sdpa``, causal from position 0, in GFLOP/s (4 * length^2 / 2 * head size per head: the
 causal half of Q K^T and P V), timed as the kernel chooser times it. Run it alone on the machine::
 
@@ -98,6 +99,25 @@ def attention_alone(shape: str, lengths, dtypes=(torch.float32, torch.bfloat16))
     return result
 
 
+def dtypes_alternating(models: dict, length: int, rounds: int) -> dict:
+    """Each model as built (label -> model), alternating round after round on the same prompt: the best ms of
+    each, and each one's speed against the first's (the bfloat16 / float32 ratio of a run, which a drift of the
+    machine's speed between the sections above would skew)."""
+    first = next(iter(models.values()))
+    tokens = torch.randint(0, first.vocab_size, (length,), generator=torch.Generator().manual_seed(length))
+    segments, index = Segments([0], [0], [length]), torch.tensor([length - 1])
+    best = {}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for label, model in models.items():
+                start = time.perf_counter()
+                model.prefill(tokens, segments, index)
+                best[label] = min(best.get(label, float("inf")), time.perf_counter() - start)
+    base = next(iter(best.values()))
+    return {label: {"ms": round(1000 * t, 2), "tok_s": round(length / t, 1), "vs_first": round(base / t, 3)}
+            for label, t in best.items()}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="110m", choices=sorted(bench.SHAPES))
@@ -113,6 +133,7 @@ def main(argv=None) -> int:
     params = dict(bench.SHAPES[a.shape])
     result = {"benchmark": "prefill, piece by piece", "shape": a.shape, "lengths": lengths, "rounds": a.rounds,
               "machine": bench.machine(torch.device("cpu"), torch.get_num_threads()), "runs": {}}
+    kept = {}  # the float models, for the alternating comparison
     with tempfile.TemporaryDirectory() as tmp:
         for dtype, quantize in (("float32", None), ("bfloat16", None), ("float32", "int8")):
             work = Path(tmp) / dtype
@@ -129,7 +150,16 @@ def main(argv=None) -> int:
                     print(f"{label:14} {length:5} tokens  {name:48} {r['ms']:9.1f} ms {r['tok_s']:8.0f} tok/s "
                           f"{r['vs_first']:6.2f}x of the first (logits {r['logits_rel_diff']:.1e})")
             result["runs"][label] = run
-            del llama
+            if quantize is None:
+                kept[label] = llama
+            else:
+                del llama
+        models = {label: llama.model for label, llama in kept.items()}
+        result["dtypes_alternating"] = {}
+        for length in lengths:  # float32 and bfloat16 as built, in the same rounds
+            result["dtypes_alternating"][length] = r = dtypes_alternating(models, length, a.rounds)
+            print(f"alternating    {length:5} tokens  " + "   ".join(f"{label} {x['ms']:8.1f} ms ({x['vs_first']:.2f}x)" for label, x in r.items()))
+        del kept, models
     result["attention"] = {shape: attention_alone(shape, lengths) for shape in filter(None, a.attention_shapes.split(","))}
     result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     if a.out:

@@ -78,6 +78,8 @@ def test_prefill_benchmark_runs_on_the_tiny_shape(tmp_path):
             first = next(iter(ways.values()))
             assert first["vs_first"] == 1.0 and first["logits_rel_diff"] == 0.0
             assert all(w["ms"] > 0 and w["logits_rel_diff"] < 0.05 for w in ways.values())
+    for per_dtype in r["dtypes_alternating"].values():
+        assert list(per_dtype) == ["float32", "bfloat16"] and per_dtype["float32"]["vs_first"] == 1.0
     attention = r["attention"]["tiny"]
     assert (attention["heads"], attention["kv_heads"], attention["head_dim"]) == (4, 4, 16)
     for dtype in ("float32", "bfloat16"):
