@@ -41,9 +41,11 @@ def test_every_entry_point_equals_f_linear(dtype, isa):
     step = entries[dtype].step
     gen = torch.Generator().manual_seed(0)
     # rows 1 (the M == 1 path), 2-3 (one row tile plus a remainder), up to MAX_ROWS; outputs that
-    # are not a multiple of the row tile (the last rows one at a time); inner sizes of several steps
+    # are not a multiple of the row tile (the last rows one at a time); inner sizes of several steps; rows of
+    # w too long for a tile to stay in L1 (160 steps: 40-80 KiB a tile), passed over in chunks of K
     for rows, out_features, in_features in [(1, 8, step), (1, 13, 3 * step), (2, 37, 2 * step), (3, 100, 4 * step),
-                                             (5, 8, step), (8, 96, 24 * step), (16, 17, 2 * step), (2, 1, step)]:
+                                             (5, 8, step), (8, 96, 24 * step), (16, 17, 2 * step), (2, 1, step),
+                                             (3, 27, 160 * step), (9, 24, 160 * step), (16, 40, 160 * step)]:
         x = torch.randn(rows, in_features, generator=gen).to(dtype)
         w = torch.randn(out_features, in_features, generator=gen).to(dtype)
         got = native.linear(x, w)
