@@ -31,7 +31,7 @@ TOLERANCE = {(torch.float32, False): 1e-5, (torch.bfloat16, False): 2e-2, (torch
              (torch.bfloat16, True): 5e-2}
 
 
-def make_model(dtype, int8=False, n_kv_heads=1, vocab_size=250, max_batch_size=4):
+def make_model(dtype, int8=False, n_kv_heads=1, vocab_size=250, max_batch_size=4, multiple_of=64):
     """A 2-layer model whose every piece runs our kernels: grouped kv heads, a vocabulary that is not
     a multiple of the row tile (the output's last rows one at a time)."""
     why = native.unavailable(dtype, FLAGS)
@@ -39,7 +39,7 @@ def make_model(dtype, int8=False, n_kv_heads=1, vocab_size=250, max_batch_size=4
         pytest.skip(f"no native {dtype} kernels: {why}")
     if int8 and not native.int8_available(dtype, FLAGS):
         pytest.skip("no native int8 kernel (AVX512-VNNI or AVX2) on this CPU")
-    args = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, multiple_of=64, vocab_size=vocab_size,
+    args = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, multiple_of=multiple_of, vocab_size=vocab_size,
                      max_seq_len=48, max_batch_size=max_batch_size)
     model = Transformer(args, dtype=dtype).requires_grad_(False)
     model.load_state_dict({k: v.to(dtype) for k, v in random_state_dict(args, seed=3, std=0.1).items()})
@@ -96,6 +96,30 @@ def test_one_call_step_equals_the_models_step(dtype, int8):
                 for row, pos in enumerate(positions):
                     untouched[row, :, pos] = False
                 assert torch.equal(got_t[untouched], before_t[untouched])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda v: str(v).removeprefix("torch."))
+def test_one_call_step_over_weight_rows_too_long_for_l1(dtype):
+    """w2's rows of 2560 (8 of them outgrow L1: with several rows of x the passes run chunk by chunk of K,
+    csrc/gemv.h's tile_rows_chunked, into the step's add-to-residual epilogue), against the modules on
+    torch's F.linear (dense), which share none of our products."""
+    model = make_model(dtype, multiple_of=2560)
+    assert model.layers[0].feed_forward.w2.weight.shape == (128, 2560)
+    lengths, tokens = [5, 17, 30, 2], [7, 8, 9, 10]
+    prefill_rows(model, lengths)
+    before = cache_copy(model)
+    cpu = torch.device("cpu")
+    for rows in (3, 4):  # two passes of x over each tile: the chunked passes
+        restore(model, before)
+        kernel_choice.apply(model, kernel_choice.plan_for(model, cpu, dtype, kernel_choice.parse_override("dense,sdpa")))
+        with torch.inference_mode():
+            want = model.decode_step(torch.tensor(tokens[:rows])[:, None], torch.tensor(lengths[:rows]),
+                                     kv_len=max(lengths[:rows]) + 1)
+        restore(model, before)
+        kernel_choice.apply(model, kernel_choice.plan_for(model, cpu, dtype, kernel_choice.parse_override("gemv,native-attention")))
+        got = native_step.NativeStep.for_model(model)(tokens[:rows], lengths[:rows])
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        assert err < TOLERANCE[dtype, False], (rows, err)
 
 
 def test_runner_decodes_the_same_tokens_with_and_without_it(monkeypatch):

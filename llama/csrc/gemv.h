@@ -44,35 +44,38 @@ namespace {
 constexpr int kTileRows = 8;  // rows of w per tile (and per parallel work item)
 
 // The rows of the next tile (n + kTileRows..) that pass p of `passes` over tile n prefetches, spread evenly over the
-// passes. Why: with several rows of x, a tile's later passes read it from L1 and the hardware prefetchers, which
-// follow demand misses, leave memory idle meanwhile; prefetched in step with the passes, the next tile streams in
-// while this one is multiplied (1.1x-1.5x on the 110m products at 8 and 16 rows, Zen 5). One pass (one or two rows
-// of x) streams the weights by itself: nothing prefetched.
+// passes, where the rows of x take `repeats` >= 2 passes over the same weight rows. Why: a tile's later passes read
+// it from L1, and the hardware prefetchers, which follow demand misses, leave memory idle meanwhile; prefetched in
+// step with the passes, the next tile streams in while this one is multiplied (1.1x-1.5x on the 110m products at 8
+// and 16 rows, Zen 5). Rows of x that take one pass over each weight row stream the weights by themselves.
 struct NextTile {
   int64_t start = 0;
   int per_pass = 0;
-  NextTile(int64_t n, int64_t N, int64_t passes) {
-    if (passes >= 2 && n + 2 * kTileRows <= N) {
+  NextTile(int64_t n, int64_t N, int64_t passes, int64_t repeats) {
+    if (repeats >= 2 && n + 2 * kTileRows <= N) {
       start = n + kTileRows;
       per_pass = (int)((kTileRows + passes - 1) / passes);
     }
   }
-  int64_t first(int64_t pass) const { return start + pass * per_pass; }
   int rows(int64_t pass) const {
     const int64_t left = kTileRows - pass * per_pass;
     return per_pass == 0 || left <= 0 ? 0 : (int)(left < per_pass ? left : per_pass);
   }
+  // where pass `pass` prefetches, in w (N, K); null where it prefetches nothing
+  template <class T>
+  const T *at(const T *w, int64_t K, int64_t pass) const { return rows(pass) ? w + (start + pass * per_pass) * K : nullptr; }
 };
 
-// With several passes of x over a tile, the tile's rows should stay in L1 from pass to pass: where they would
-// take more than kChunkBytes, the passes run over chunks of K (kStep multiples) of about that size
-// (tile_rows_chunked). On a Zen 5 EPYC (48 KiB L1 per core) the 7B shapes ran 1.05x-1.15x as fast at 8
-// rows and 1.2x-1.4x at 16 (bfloat16 rows of 4096 and more, float32 of 2048 and more); chunks of 24 KiB
-// slowed the 110m bfloat16 rows of 2048 (32 KiB a tile), which stay whole.
+// With several passes of x over the same R2 rows of w, those rows should stay in L1 from pass to pass: where they
+// would take more than kChunkBytes, the passes run over chunks of K (kStep multiples) of about that size
+// (tile_rows_chunked). On a Zen 5 EPYC (48 KiB L1 per core) the 7B shapes ran 1.05x-1.15x as fast at 8 rows and
+// 1.2x-1.4x at 16 (bfloat16 rows of 4096 and more, float32 of 2048 and more, 8 rows of w a pass); chunks of 24 KiB
+// slowed the 110m bfloat16 rows of 2048 (32 KiB for 8 rows), which stay whole. (AVX2's passes, over 4 rows of w,
+// chunk rows twice as long; not measured on an AVX2-only CPU.)
 constexpr int64_t kChunkBytes = 32 << 10, kMaxChunkedRows = 16;
-template <class T, int kStep>
+template <class T, int kStep, int R2>
 inline int64_t chunk_of(int64_t K) {
-  const int64_t elements = kChunkBytes / (kTileRows * (int64_t)sizeof(T));
+  const int64_t elements = kChunkBytes / (R2 * (int64_t)sizeof(T));
   return elements < kStep ? kStep : elements / kStep * kStep;
 }
 
@@ -110,22 +113,23 @@ __attribute__((always_inline)) inline void tile_sums(const typename Op::T *__res
 // partial sums added up. Not inlined: in tile_rows its sums and loops cost the short rows' loops their registers.
 template <class Op, int R2, int MT, class Out>
 __attribute__((noinline)) void tile_rows_chunked(const typename Op::T *x, const typename Op::T *w, int64_t M, int64_t N,
-                                                 int64_t K, int64_t n, int64_t chunk, int64_t passes, Out &out) {
+                                                 int64_t K, int64_t n, int64_t chunk, int64_t passes, int64_t repeats,
+                                                 Out &out) {
   float s[kTileRows * MT];
   float sums[kMaxChunkedRows * kTileRows] = {};  // sums[m * kTileRows + r]: row m of x, row n + r of w
   for (int64_t k0 = 0; k0 < K; k0 += chunk) {
     const int64_t k1 = K - k0 < chunk ? K : k0 + chunk;
-    NextTile next(n, N, passes);  // each chunk's passes prefetch that chunk of the next tile
+    NextTile next(n, N, passes, repeats);  // each chunk's passes prefetch that chunk of the next tile
     int64_t pass = 0;
     for (int64_t r0 = n; r0 < n + kTileRows; r0 += R2) {
       int64_t m = 0;
       for (; m + MT <= M; m += MT, pass++) {
-        tile_sums<Op, R2, MT>(x, w, K, r0, m, s, w + next.first(pass) * K, next.rows(pass), k0, k1);
+        tile_sums<Op, R2, MT>(x, w, K, r0, m, s, next.at(w, K, pass), next.rows(pass), k0, k1);
         for (int j = 0; j < MT; j++)
           for (int r = 0; r < R2; r++) sums[(m + j) * kTileRows + r0 - n + r] += s[j * R2 + r];
       }
       for (; m < M; m++, pass++) {
-        tile_sums<Op, R2, 1>(x, w, K, r0, m, s, w + next.first(pass) * K, next.rows(pass), k0, k1);
+        tile_sums<Op, R2, 1>(x, w, K, r0, m, s, next.at(w, K, pass), next.rows(pass), k0, k1);
         for (int r = 0; r < R2; r++) sums[m * kTileRows + r0 - n + r] += s[r];
       }
     }
@@ -155,26 +159,26 @@ __attribute__((always_inline)) inline void tile_rows(const typename Op::T *x, co
     return;
   }
   // R2 rows of w at a time (8 with AVX-512, 4 with AVX2: the accumulators the registers hold)
-  const int64_t passes = (kTileRows / R2) * (M / MT + M % MT);
-  const int64_t chunk = chunk_of<typename Op::T, Op::kStep>(K);
-  if (chunk >= K || M > kMaxChunkedRows) {
-    NextTile next(n, N, passes);
+  const int64_t repeats = M / MT + M % MT, passes = (kTileRows / R2) * repeats;  // passes over each R2 rows; in all
+  const int64_t chunk = chunk_of<typename Op::T, Op::kStep, R2>(K);
+  if (repeats < 2 || chunk >= K || M > kMaxChunkedRows) {
+    NextTile next(n, N, passes, repeats);
     int64_t pass = 0;
     for (int64_t r0 = n; r0 < n + kTileRows; r0 += R2) {
       int64_t m = 0;
       for (; m + MT <= M; m += MT, pass++) {
-        tile_sums<Op, R2, MT>(x, w, K, r0, m, s, w + next.first(pass) * K, next.rows(pass));
+        tile_sums<Op, R2, MT>(x, w, K, r0, m, s, next.at(w, K, pass), next.rows(pass));
         for (int j = 0; j < MT; j++)
           for (int r = 0; r < R2; r++) out(m + j, r0 + r, s[j * R2 + r]);
       }
       for (; m < M; m++, pass++) {
-        tile_sums<Op, R2, 1>(x, w, K, r0, m, s, w + next.first(pass) * K, next.rows(pass));
+        tile_sums<Op, R2, 1>(x, w, K, r0, m, s, next.at(w, K, pass), next.rows(pass));
         for (int r = 0; r < R2; r++) out(m, r0 + r, s[r]);
       }
     }
     return;
   }
-  tile_rows_chunked<Op, R2, MT>(x, w, M, N, K, n, chunk, passes, out);
+  tile_rows_chunked<Op, R2, MT>(x, w, M, N, K, n, chunk, passes, repeats, out);
 }
 
 inline int64_t tiles_of(int64_t N) { return (N + kTileRows - 1) / kTileRows; }
@@ -351,18 +355,18 @@ __attribute__((always_inline)) inline void tile_rows_i8(const QuantizedRows &x, 
     return;
   }
   const int64_t passes = M / MT + M % MT;
-  NextTile next(n, N, passes);
+  NextTile next(n, N, passes, passes);
   int64_t m = 0, pass = 0;
   if constexpr (MT > 1) {
     for (; m + MT <= M; m += MT, pass++) {
-      tile_sums_i8<kTileRows, MT>(x, w, w_scale, K, n, m, s, w + next.first(pass) * K, next.rows(pass));
+      tile_sums_i8<kTileRows, MT>(x, w, w_scale, K, n, m, s, next.at(w, K, pass), next.rows(pass));
       for (int j = 0; j < MT; j++)
         for (int r = 0; r < kTileRows; r++) out(m + j, n + r, s[j * kTileRows + r]);
     }
   }
   for (; m < M; m++, pass++) {
     if (next.rows(pass) > 0)
-      tile_sums_i8<kTileRows, 1>(x, w, w_scale, K, n, m, s, w + next.first(pass) * K, next.rows(pass));
+      tile_sums_i8<kTileRows, 1>(x, w, w_scale, K, n, m, s, next.at(w, K, pass), next.rows(pass));
     else  // (no prefetch loop in the steps: a single row of x, as a batch-1 step, runs at memory speed)
       tile_sums_i8<kTileRows, 1>(x, w, w_scale, K, n, m, s);
     for (int r = 0; r < kTileRows; r++) out(m, n + r, s[r]);
