@@ -10,9 +10,10 @@ and, for an int8 model (``quantize="int8"``, float32 activations), its layers' p
 ``prefill-dequantized`` and by torch's int8 matmul (``prefill-int8mm``). The ways alternate, round
 after round, and the best time of each counts; the logits of each way are compared with the
 first's. The float32 and bfloat16 models as built are then timed alternating, round after round (their
-ratio, free of the machine's drift between sections). Then the prefill attention alone (``--attention-shapes``: the heads of those shapes), ours
-and torch's ``sdpa``, causal from position 0, in GFLOP/s (4 * length^2 / 2 * head size per head: the
-causal half of Q K^T and P V), timed as the kernel chooser times it. Run it alone on the machine::
+ratio, free of the machine's drift between sections). Last, the prefill attention alone
+(``--attention-shapes``: the heads of those shapes), ours and torch's ``sdpa``, causal from position 0, in
+GFLOP/s (4 * length^2 / 2 * head size per head: the causal half of Q K^T and P V), the two alternating
+call by call. Run it alone on the machine::
 
     python benchmarks/prefill.py --shape 110m --threads 2 [--lengths 128,512,2000] [--attention-shapes 110m,7b] [--out results/NAME.json]
 """
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -81,21 +83,42 @@ def measure(model, ways, length: int, rounds: int) -> dict:
             for name, t in best.items()}
 
 
-def attention_alone(shape: str, lengths, dtypes=(torch.float32, torch.bfloat16)) -> dict:
-    """The prefill attention for the heads of ``shape``: ms and GFLOP/s of ours and torch's per dtype and length."""
+def attention_alone(shape: str, lengths, rounds: int, dtypes=(torch.float32, torch.bfloat16)) -> dict:
+    """The prefill attention for the heads of ``shape``, causal from position 0 over random keys and values in a
+    cache row, as the model attends: ms and GFLOP/s of ours and torch's per dtype and length, the kernels
+    alternating call by call for ``rounds`` rounds of at least 0.2 s each, the best call counting."""
     params = bench.SHAPES[shape]
     heads = params["n_heads"]
-    kv_heads, head_dim = params.get("n_kv_heads", heads), params["dim"] // heads
+    kv_heads, head_dim = params.get("n_kv_heads") or heads, params["dim"] // heads
     result = {"heads": heads, "kv_heads": kv_heads, "head_dim": head_dim}
+    gen = torch.Generator().manual_seed(0)
     for dtype in dtypes:
         names = kernel_choice.prefill_attention_candidates(torch.device("cpu"), dtype, head_dim)
-        times = kernel_choice.time_prefill_attention((heads, kv_heads, head_dim), dtype, names, lengths)
-        result[str(dtype).removeprefix("torch.")] = {
-            name: {n: {"ms": round(1000 * t, 3), "gflop_s": round(4 * n * n / 2 * head_dim * heads / t / 1e9, 1)}
-                   for n, t in per_length.items()} for name, per_length in times.items()}
-        for name, per_length in result[str(dtype).removeprefix("torch.")].items():
+        best = {name: {} for name in names}
+        for n in lengths:
+            q = torch.randn(n, heads, head_dim, generator=gen).to(dtype)
+            k, v = (torch.randn(kv_heads, n, head_dim, generator=gen).to(dtype) for _ in range(2))
+            calls = {"sdpa": lambda: F.scaled_dot_product_attention(  # (1, heads, n, head_dim), as the model's sdpa path
+                         q.transpose(0, 1)[None], k[None], v[None], is_causal=True, enable_gqa=heads != kv_heads),
+                     "native-attention": lambda: native.prefill_attention(q, k, v, 0)}
+            for name in names:
+                calls[name]()  # warm up
+            for _ in range(rounds):
+                for name in names:
+                    deadline = time.perf_counter() + 0.2
+                    while True:
+                        start = time.perf_counter()
+                        calls[name]()
+                        end = time.perf_counter()
+                        best[name][n] = min(best[name].get(n, float("inf")), end - start)
+                        if end > deadline:
+                            break
+        label = str(dtype).removeprefix("torch.")
+        result[label] = {name: {n: {"ms": round(1000 * t, 3), "gflop_s": round(4 * n * n / 2 * head_dim * heads / t / 1e9, 1)}
+                                for n, t in per_length.items()} for name, per_length in best.items()}
+        for name, per_length in result[label].items():
             cells = "   ".join(f"{n:5} tokens {r['ms']:9.3f} ms {r['gflop_s']:6.0f} GFLOP/s" for n, r in per_length.items())
-            print(f"attention {shape:5} {heads}x{kv_heads}x{head_dim} {str(dtype).removeprefix('torch.'):9} {name:17} {cells}")
+            print(f"attention {shape:5} {heads}x{kv_heads}x{head_dim} {label:9} {name:17} {cells}")
     return result
 
 
@@ -133,7 +156,7 @@ def main(argv=None) -> int:
     params = dict(bench.SHAPES[a.shape])
     result = {"benchmark": "prefill, piece by piece", "shape": a.shape, "lengths": lengths, "rounds": a.rounds,
               "machine": bench.machine(torch.device("cpu"), torch.get_num_threads()), "runs": {}}
-    kept = {}  # the float models, for the alternating comparison
+    kept = {}  # label -> the float models, for the alternating comparison
     with tempfile.TemporaryDirectory() as tmp:
         for dtype, quantize in (("float32", None), ("bfloat16", None), ("float32", "int8")):
             work = Path(tmp) / dtype
@@ -151,16 +174,16 @@ def main(argv=None) -> int:
                           f"{r['vs_first']:6.2f}x of the first (logits {r['logits_rel_diff']:.1e})")
             result["runs"][label] = run
             if quantize is None:
-                kept[label] = llama
-            else:
-                del llama
-        models = {label: llama.model for label, llama in kept.items()}
-        result["dtypes_alternating"] = {}
-        for length in lengths:  # float32 and bfloat16 as built, in the same rounds
-            result["dtypes_alternating"][length] = r = dtypes_alternating(models, length, a.rounds)
-            print(f"alternating    {length:5} tokens  " + "   ".join(f"{label} {x['ms']:8.1f} ms ({x['vs_first']:.2f}x)" for label, x in r.items()))
-        del kept, models
-    result["attention"] = {shape: attention_alone(shape, lengths) for shape in filter(None, a.attention_shapes.split(","))}
+                kept[label] = llama.model
+            del llama, ways
+            if len(kept) == 2:  # float32 and bfloat16 as built, in the same rounds; then freed, before the int8 model
+                result["dtypes_alternating"] = {}
+                for length in lengths:
+                    result["dtypes_alternating"][length] = r = dtypes_alternating(kept, length, a.rounds)
+                    print(f"alternating    {length:5} tokens  "
+                          + "   ".join(f"{label} {x['ms']:8.1f} ms ({x['vs_first']:.2f}x)" for label, x in r.items()))
+                kept.clear()
+    result["attention"] = {shape: attention_alone(shape, lengths, a.rounds) for shape in filter(None, a.attention_shapes.split(","))}
     result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     if a.out:
         a.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from llama import kernel_choice
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks" / "bench.py"
@@ -78,11 +81,13 @@ def test_prefill_benchmark_runs_on_the_tiny_shape(tmp_path):
             first = next(iter(ways.values()))
             assert first["vs_first"] == 1.0 and first["logits_rel_diff"] == 0.0
             assert all(w["ms"] > 0 and w["logits_rel_diff"] < 0.05 for w in ways.values())
+    assert set(r["dtypes_alternating"]) == {"16", "40"}
     for per_dtype in r["dtypes_alternating"].values():
-        assert list(per_dtype) == ["float32", "bfloat16"] and per_dtype["float32"]["vs_first"] == 1.0
+        assert list(per_dtype) == ["float32", "bfloat16"] and all(x["ms"] > 0 for x in per_dtype.values())
     attention = r["attention"]["tiny"]
     assert (attention["heads"], attention["kv_heads"], attention["head_dim"]) == (4, 4, 16)
-    for dtype in ("float32", "bfloat16"):
-        assert "sdpa" in attention[dtype]
-        for per_length in attention[dtype].values():
+    for dtype in (torch.float32, torch.bfloat16):  # each kernel the chooser would time, at each length
+        timed = attention[str(dtype).removeprefix("torch.")]
+        assert set(timed) == set(kernel_choice.prefill_attention_candidates(torch.device("cpu"), dtype, 16))
+        for per_length in timed.values():
             assert set(per_length) == {"16", "40"} and all(x["gflop_s"] > 0 for x in per_length.values())

@@ -42,10 +42,11 @@ def test_every_entry_point_equals_f_linear(dtype, isa):
     gen = torch.Generator().manual_seed(0)
     # rows 1 (the M == 1 path), 2-3 (one row tile plus a remainder), up to MAX_ROWS; outputs that
     # are not a multiple of the row tile (the last rows one at a time); inner sizes of several steps; rows of
-    # w too long for a tile to stay in L1 (160 steps: 40-80 KiB a tile), passed over in chunks of K
+    # w too long for the rows a pass reuses to stay in L1 (320 steps: 40-160 KiB for the 4 or 8 rows of a pass,
+    # over the 32 KiB chunk on every instruction set), passed over in chunks of K
     for rows, out_features, in_features in [(1, 8, step), (1, 13, 3 * step), (2, 37, 2 * step), (3, 100, 4 * step),
                                              (5, 8, step), (8, 96, 24 * step), (16, 17, 2 * step), (2, 1, step),
-                                             (3, 27, 160 * step), (9, 24, 160 * step), (16, 40, 160 * step)]:
+                                             (3, 27, 320 * step), (9, 24, 320 * step), (16, 40, 320 * step)]:
         x = torch.randn(rows, in_features, generator=gen).to(dtype)
         w = torch.randn(out_features, in_features, generator=gen).to(dtype)
         got = native.linear(x, w)
@@ -203,13 +204,13 @@ def test_every_prefill_attention_entry_point_equals_causal_attention(dtype, isa)
     gen = torch.Generator().manual_seed(0)
     # (length, start, heads, kv heads, cache length, head size, key scale, threads): one token; a chunk continuing a
     # cached prefix; more queries than a block (32) and keys than a block (64), not multiples of them; grouped heads
-    # down to one; an odd number of keys ending the cache (bfloat16 packs keys in pairs); a head size of 6 vectors
-    # (tiles of 4, then single ones); scores in the hundreds (the softmax's exponentials underflow); 3 threads
+    # down to one; an odd number of keys ending the cache (bfloat16 packs keys in pairs); a head size of 5 steps
+    # (5 or 10 vectors: tiles of 4, then single ones); scores in the hundreds (the exponentials underflow); 3 threads
     threads = torch.get_num_threads()
     for length, start, heads, kv_heads, seq, head_dim, key_scale, n_threads in [
         (1, 0, 4, 4, 8, step, 2, threads), (7, 0, 4, 2, 16, 2 * step, 2, threads), (37, 5, 6, 2, 64, step, 2, threads),
         (130, 0, 4, 4, 160, 2 * step, 2, threads), (70, 100, 8, 1, 200, 4 * step, 2, threads), (3, 61, 2, 2, 64, step, 2, threads),
-        (5, 0, 2, 1, 5, step, 2, threads), (3, 60, 2, 2, 63, step, 2, threads), (40, 3, 4, 2, 48, 6 * step, 2, threads),
+        (5, 0, 2, 1, 5, step, 2, threads), (3, 60, 2, 2, 63, step, 2, threads), (40, 3, 4, 2, 48, 5 * step, 2, threads),
         (50, 20, 4, 2, 70, step, 30, threads), (45, 30, 6, 3, 75, 2 * step, 2, 3),
     ]:
         q = torch.randn(length, heads, head_dim, generator=gen).to(dtype)

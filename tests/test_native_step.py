@@ -100,9 +100,9 @@ def test_one_call_step_equals_the_models_step(dtype, int8):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda v: str(v).removeprefix("torch."))
 def test_one_call_step_over_weight_rows_too_long_for_l1(dtype):
-    """w2's rows of 2560 (8 of them outgrow L1: with several rows of x the passes run chunk by chunk of K,
-    csrc/gemv.h's tile_rows_chunked, into the step's add-to-residual epilogue), against the modules on
-    torch's F.linear (dense), which share none of our products."""
+    """w2's rows of 2560 (8 of them take more than the 32 KiB chunk with AVX-512: with several rows of x the
+    passes run chunk by chunk of K, csrc/gemv.h's tile_rows_chunked, into the step's add-to-residual
+    epilogue), against the modules on torch's F.linear (dense), which share none of our products."""
     model = make_model(dtype, multiple_of=2560)
     assert model.layers[0].feed_forward.w2.weight.shape == (128, 2560)
     lengths, tokens = [5, 17, 30, 2], [7, 8, 9, 10]

@@ -166,7 +166,7 @@ void decode_attention(const typename Op::T *q, const typename Op::T *k, const ty
 //
 // Why: torch's CPU flash attention ran a causal prefill at 50-140 GFLOP/s on a Zen 5 EPYC
 // (bfloat16 no faster than float32): 35% of a 512-token bfloat16 prefill of the 110m shape; the
-// previous kernel of ours (dot products summed across lanes, float32 P V) ran at 120-230.
+// previous kernel of ours (dot products summed across lanes, float32 P V) ran the 110m heads (64) at 120-230.
 constexpr int64_t kQueryBlock = 32, kKeyBlock = 64;  // 32 queries: 1.2x-1.3x 16 on the 7B heads (128) at 2000 tokens
 
 // C[i * ldc + v * kLanes ..] (+)= sum over t < steps of A[i * lda + t * kPair ..] (one step's elements, in
@@ -208,15 +208,15 @@ void pair_rows(const typename Op::T *A, int64_t lda, const typename Op::T *B, in
 // vectors (lanes past n masked), and the probabilities written to probs (zeros past n), in T
 template <class Op>
 float block_softmax(const float *s, int64_t n, float scale2, float &m, float *correction, typename Op::T *probs) {
-  constexpr int L = Op::kLanes;
+  constexpr int lanes = Op::kLanes;
   typename Op::Acc vm = Op::set1(-INFINITY);
-  for (int64_t j = 0; j < n; j += L) vm = Op::max(vm, Op::keep(Op::loadf(s + j), n - j, -INFINITY));
+  for (int64_t j = 0; j < n; j += lanes) vm = Op::max(vm, Op::keep(Op::loadf(s + j), n - j, -INFINITY));
   const float bm = Op::hmax(vm) * scale2, m_new = m > bm ? m : bm;  // scale2 > 0: the max of the scaled scores
   *correction = m == -INFINITY ? 0.0f : exp2f(m - m_new);
   m = m_new;
   const typename Op::Acc vscale = Op::set1(scale2), vneg = Op::set1(-m_new);
   typename Op::Acc vsum = Op::zero();
-  for (int64_t j = 0; j < kKeyBlock; j += L) {
+  for (int64_t j = 0; j < kKeyBlock; j += lanes) {
     typename Op::Acc e = Op::zero();
     if (j < n) {
       e = Op::keep(Op::exp2(Op::fmadd(Op::loadf(s + j), vscale, vneg)), n - j, 0.0f);
@@ -248,11 +248,11 @@ template <class Op>
 void prefill_attention(const typename Op::T *q, const typename Op::T *k, const typename Op::T *v, typename Op::T *out,
                        int64_t S, int64_t start, int64_t H, int64_t KVH, int64_t Smax, int64_t D, float scale, int threads) {
   using T = typename Op::T;
-  constexpr int P = Op::kPair, L = Op::kLanes;
+  constexpr int P = Op::kPair, lanes = Op::kLanes;
   // RQ x NV accumulators: 16 of the 32 registers with AVX-512; with AVX2's 16, 12 in float32 and 8 in bfloat16 (whose
   // broadcasts and operands take two registers each): the fastest of the shapes tried on a Zen 5 running the AVX2 code
-  constexpr int RQ = L == 16 ? 4 : (P == 1 ? 3 : 2), NV = 4;
-  static_assert(kKeyBlock % (L * P) == 0 && sizeof(T) * P == 4, "a lane holds one 32-bit unit");
+  constexpr int RQ = lanes == 16 ? 4 : (P == 1 ? 3 : 2), NV = 4;
+  static_assert(kKeyBlock % (lanes * P) == 0 && sizeof(T) * P == 4, "a lane holds one 32-bit unit");
   const float scale2 = scale * 1.4426950408889634f;  // softmax in base 2: e^(x scale) = 2^(x scale / ln 2)
   const int64_t rep = H / KVH, blocks = (S + kQueryBlock - 1) / kQueryBlock, keys_all = start + S;
   const int64_t key_blocks = (keys_all + kKeyBlock - 1) / kKeyBlock, units = D / P;  // units: 32-bit units of a row
@@ -271,19 +271,21 @@ void prefill_attention(const typename Op::T *q, const typename Op::T *k, const t
       const int64_t g = task / key_blocks, j0 = (task % key_blocks) * kKeyBlock;
       const uint32_t *rows = (const uint32_t *)(k + (g * Smax + j0) * D);
       for (int64_t u = 0; u < units; u++)
-        for (int64_t j = 0; j < kKeyBlock; j += L)
+        for (int64_t j = 0; j < kKeyBlock; j += lanes)
           Op::gather_units(rows + j * units + u, units, keys_all - j0 - j, kt + (task * units + u) * kKeyBlock + j);
       if constexpr (P == 2) {  // V: vp[(g * pairs + t) * D + d] = element d of keys 2t and 2t + 1 of kv head g
         const int64_t pairs = (keys_all + 1) / 2;
         for (int64_t t = j0 / 2; t < (j0 + kKeyBlock) / 2 && t < pairs; t++) {
           const uint16_t *first = (const uint16_t *)(v + (g * Smax + 2 * t) * D);
           const uint16_t *second = 2 * t + 1 < keys_all ? first + D : nullptr;
-          for (int64_t d = 0; d < D; d += L) Op::interleave16(first + d, second ? second + d : nullptr, vp + (g * pairs + t) * D + d);
+          for (int64_t d = 0; d < D; d += lanes) Op::interleave16(first + d, second ? second + d : nullptr, vp + (g * pairs + t) * D + d);
         }
       }
     }  // (the implied barrier: every block packed before any is read)
+    // per query of the block: s its scores against a block of keys (then its probabilities, in float32), o its
+    // weighted values so far (float32), m the running max of its scores (base-2 units), l the running sum
     std::vector<float> s(kQueryBlock * kKeyBlock), o(kQueryBlock * D), m(kQueryBlock), l(kQueryBlock);
-    std::vector<T> p(P == 1 ? 0 : kQueryBlock * kKeyBlock);  // bfloat16 probabilities (float32 ones stay in s)
+    std::vector<T> probs_bf16(P == 1 ? 0 : kQueryBlock * kKeyBlock);  // (float32 probabilities stay in s)
     // the last query blocks see the most keys: handed out first, the threads then even out
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < H * blocks; task++) {
@@ -292,36 +294,36 @@ void prefill_attention(const typename Op::T *q, const typename Op::T *k, const t
       const T *qh = q + (i0 * H + h) * D;  // query i0 + i of head h: qh + i * H * D
       const T *kth = (const T *)(kt + g * key_blocks * units * kKeyBlock);
       const T *vh = P == 1 ? v + g * Smax * D : (const T *)(vp + g * ((keys_all + 1) / 2) * D);  // row t: keys t * P..
-      const T *probs = P == 1 ? (const T *)s.data() : p.data();
+      const T *probs = P == 1 ? (const T *)s.data() : probs_bf16.data();
       for (int64_t i = 0; i < nq; i++) m[i] = -INFINITY, l[i] = 0.0f;
       std::fill(o.begin(), o.end(), 0.0f);
       for (int64_t j0 = 0; j0 < keys; j0 += kKeyBlock) {
         const int64_t nk = keys - j0 < kKeyBlock ? keys - j0 : kKeyBlock;
         // s[i * kKeyBlock + j] = query i0 + i . key j0 + j
         pair_product<Op, RQ, NV>(qh, H * D, nq, kth + (j0 / kKeyBlock) * units * kKeyBlock * P, kKeyBlock * P, units,
-                                 s.data(), kKeyBlock, kKeyBlock / L, false);
+                                 s.data(), kKeyBlock, kKeyBlock / lanes, false);
         for (int64_t i = 0; i < nq; i++) {
           const int64_t seen = start + i0 + i + 1 - j0;  // keys of this block that query i0 + i sees
           const int64_t n = seen < nk ? seen : nk;
           float *si = s.data() + i * kKeyBlock;
-          T *pi = P == 1 ? (T *)si : p.data() + i * kKeyBlock;  // float32 probabilities over the scores
+          T *pi = P == 1 ? (T *)si : probs_bf16.data() + i * kKeyBlock;  // float32 probabilities over the scores
           if (n <= 0) {  // masked, or past the keys: no weight
-            for (int64_t j = 0; j < kKeyBlock; j += L) Op::store(pi + j, Op::zero());
+            for (int64_t j = 0; j < kKeyBlock; j += lanes) Op::store(pi + j, Op::zero());
             continue;
           }
           float correction;
           const float sum = block_softmax<Op>(si, n, scale2, m[i], &correction, pi);
           l[i] = l[i] * correction + sum;
           if (correction != 1.0f)
-            for (int64_t d = 0; d < D; d += L) Op::storef(o.data() + i * D + d, Op::mul(Op::loadf(o.data() + i * D + d), Op::set1(correction)));
+            for (int64_t d = 0; d < D; d += lanes) Op::storef(o.data() + i * D + d, Op::mul(Op::loadf(o.data() + i * D + d), Op::set1(correction)));
         }
         // o[i * D ..] += sum over keys of probs[i * kKeyBlock + j] * value j0 + j
-        pair_product<Op, RQ, NV>(probs, kKeyBlock, nq, vh + (j0 / P) * D * P, D * P, (nk + P - 1) / P, o.data(), D, D / L, true);
+        pair_product<Op, RQ, NV>(probs, kKeyBlock, nq, vh + (j0 / P) * D * P, D * P, (nk + P - 1) / P, o.data(), D, D / lanes, true);
       }
       for (int64_t i = 0; i < nq; i++) {
         const typename Op::Acc inv = Op::set1(1.0f / l[i]);
         T *dst = out + ((i0 + i) * H + h) * D;
-        for (int64_t d = 0; d < D; d += L) Op::store(dst + d, Op::mul(Op::loadf(o.data() + i * D + d), inv));
+        for (int64_t d = 0; d < D; d += lanes) Op::store(dst + d, Op::mul(Op::loadf(o.data() + i * D + d), inv));
       }
     }
   }

@@ -13,8 +13,9 @@
 // it against them on each machine and keeps the faster).
 //
 // Tiles: rows R of w against MT rows of x, R * MT accumulators; for M == 1, R = 8; for more rows
-// R x 2 (AVX-512: 8 x 2 = 16 accumulators, summed across lanes with one transpose tree). With more
-// than one pass of x over a tile, the passes prefetch the next tile (NextTile).
+// R x 2 (AVX-512: 8 x 2 = 16 accumulators, summed across lanes with one transpose tree). Where the
+// rows of x pass twice or more over the same weight rows, the passes prefetch the next tile (NextTile),
+// and weight rows too long for L1 are passed over in chunks of K (tile_rows_chunked).
 // K must be a multiple of the vector step (16 float32, 32 bfloat16 for AVX-512; 8 and 16 for
 // AVX2): the Python side checks and falls back to torch where it is not.
 //
@@ -79,7 +80,8 @@ inline int64_t chunk_of(int64_t K) {
   return elements < kStep ? kStep : elements / kStep * kStep;
 }
 
-// the sums of rows n..n+R-1 of w with rows m..m+MT-1 of x: out[j * R + r] = x[m + j] . w[n + r]
+// the sums of rows n..n+R-1 of w with rows m..m+MT-1 of x over k0..k1 (default: all K, the rows' length):
+// out[j * R + r] = x[m + j] . w[n + r]; meanwhile prefetch_rows rows at `prefetch` (stride K), a line a step
 template <class Op, int R, int MT>
 __attribute__((always_inline)) inline void tile_sums(const typename Op::T *__restrict x, const typename Op::T *__restrict w,
                                                      int64_t K, int64_t n, int64_t m, float *out,
@@ -240,7 +242,7 @@ void quantize_rows(const TX *x, int64_t M, int64_t K, QuantizedRows &out) {
 }
 
 // the products of rows n..n+R-1 of w (scales w_scale) with quantized rows m..m+MT-1 of x:
-// out[j * R + r] = w_scale[n + r] * (sum - correction[m + j])
+// out[j * R + r] = w_scale[n + r] * (sum - correction[m + j]); meanwhile prefetch_rows rows at `prefetch`
 template <int R, int MT>
 __attribute__((always_inline)) inline void tile_sums_i8(const QuantizedRows &x, const int8_t *__restrict w,
                                                         const float *__restrict w_scale, int64_t K, int64_t n, int64_t m,
@@ -309,7 +311,8 @@ void quantize_rows(const TX *x, int64_t M, int64_t K, QuantizedRows &out) {
     }
 }
 
-// the products of rows n..n+R-1 of w (scales w_scale) with quantized row m of x: out[r]
+// the products of rows n..n+R-1 of w (scales w_scale) with quantized row m of x: out[r]; meanwhile
+// prefetch_rows rows at `prefetch`, a line every two steps
 template <int R, int MT>
 __attribute__((always_inline)) inline void tile_sums_i8(const QuantizedRows &x, const int8_t *__restrict w,
                                                         const float *__restrict w_scale, int64_t K, int64_t n, int64_t m,
