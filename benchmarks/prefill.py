@@ -13,7 +13,7 @@ first's. The float32 and bfloat16 models as built are then timed alternating, ro
 ratio, free of the machine's drift between sections). Last, the prefill attention alone
 (``--attention-shapes``: the heads of those shapes), ours and torch's ``sdpa``, causal from position 0, in
 GFLOP/s (4 * length^2 / 2 * head size per head: the causal half of Q K^T and P V), the two alternating
-call by call. Run it alone on the machine::
+round by round. Run it alone on the machine::
 
     python benchmarks/prefill.py --shape 110m --threads 2 [--lengths 128,512,2000] [--attention-shapes 110m,7b] [--out results/NAME.json]
 """
@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -84,35 +83,17 @@ def measure(model, ways, length: int, rounds: int) -> dict:
 
 
 def attention_alone(shape: str, lengths, rounds: int, dtypes=(torch.float32, torch.bfloat16)) -> dict:
-    """The prefill attention for the heads of ``shape``, causal from position 0 over random keys and values in a
-    cache row, as the model attends: ms and GFLOP/s of ours and torch's per dtype and length, the kernels
-    alternating call by call for ``rounds`` rounds of at least 0.2 s each, the best call counting."""
+    """The prefill attention for the heads of ``shape``, as the kernel chooser times it
+    (:func:`llama.kernel_choice.time_prefill_attention`) but for ``rounds`` rounds of 0.2 s, every
+    kernel timed in every round: ms and GFLOP/s of ours and torch's per dtype and length."""
     params = bench.SHAPES[shape]
     heads = params["n_heads"]
     kv_heads, head_dim = params.get("n_kv_heads") or heads, params["dim"] // heads
     result = {"heads": heads, "kv_heads": kv_heads, "head_dim": head_dim}
-    gen = torch.Generator().manual_seed(0)
     for dtype in dtypes:
         names = kernel_choice.prefill_attention_candidates(torch.device("cpu"), dtype, head_dim)
-        best = {name: {} for name in names}
-        for n in lengths:
-            q = torch.randn(n, heads, head_dim, generator=gen).to(dtype)
-            k, v = (torch.randn(kv_heads, n, head_dim, generator=gen).to(dtype) for _ in range(2))
-            calls = {"sdpa": lambda: F.scaled_dot_product_attention(  # (1, heads, n, head_dim), as the model's sdpa path
-                         q.transpose(0, 1)[None], k[None], v[None], is_causal=True, enable_gqa=heads != kv_heads),
-                     "native-attention": lambda: native.prefill_attention(q, k, v, 0)}
-            for name in names:
-                calls[name]()  # warm up
-            for _ in range(rounds):
-                for name in names:
-                    deadline = time.perf_counter() + 0.2
-                    while True:
-                        start = time.perf_counter()
-                        calls[name]()
-                        end = time.perf_counter()
-                        best[name][n] = min(best[name].get(n, float("inf")), end - start)
-                        if end > deadline:
-                            break
+        best = kernel_choice.time_prefill_attention((heads, kv_heads, head_dim), dtype, names, lengths, rounds=rounds,
+                                                    round_s=0.2, hopeless=float("inf"))
         label = str(dtype).removeprefix("torch.")
         result[label] = {name: {n: {"ms": round(1000 * t, 3), "gflop_s": round(4 * n * n / 2 * head_dim * heads / t / 1e9, 1)}
                                 for n, t in per_length.items()} for name, per_length in best.items()}

@@ -328,10 +328,15 @@ def time_prefill_attention(
     lengths: Iterable[int] = PREFILL_ATTENTION_LENGTHS,
     seed: int = 0,
     usage: Optional[Dict[str, float]] = None,
+    rounds: int = _ROUNDS,
+    round_s: float = _ROUND_S,
+    hopeless: float = _HOPELESS,
 ) -> Dict[str, Dict[int, float]]:
     """Seconds per call of each prefill attention kernel of ``names`` for ``shape`` = (heads, kv
     heads, head size), per prompt length: a whole prompt from position 0 over random keys and
-    values in a cache row, as :class:`llama.model.Attention` attends in a prefill."""
+    values in a cache row, as :class:`llama.model.Attention` attends in a prefill. ``rounds``,
+    ``round_s``, ``hopeless``: as :func:`_best_of_rounds` (a benchmark times every kernel every
+    round with ``hopeless=inf``)."""
     heads, kv_heads, head_dim = shape
     gen = torch.Generator().manual_seed(seed)
     lengths = list(lengths)
@@ -349,7 +354,8 @@ def time_prefill_attention(
         else:
             native.prefill_attention(q, k, v, 0)
 
-    return _best_of_rounds(lambda name, n: _seconds_per_call(lambda: call(name, n), _ROUND_S / 4), names, lengths, usage)
+    return _best_of_rounds(lambda name, n: _seconds_per_call(lambda: call(name, n), round_s / 4), names, lengths, usage,
+                           rounds=rounds, round_s=round_s, hopeless=hopeless)
 
 
 def time_attention(
@@ -393,11 +399,12 @@ def _seconds_per_call(call, least_s: float) -> float:
             return elapsed / calls
 
 
-def _best_of_rounds(one_pass, names: List[str], batches: List[int], usage: Optional[Dict[str, float]]) -> Dict[str, Dict[int, float]]:
+def _best_of_rounds(one_pass, names: List[str], batches: List[int], usage: Optional[Dict[str, float]], rounds: int = _ROUNDS,
+                    round_s: float = _ROUND_S, hopeless: float = _HOPELESS) -> Dict[str, Dict[int, float]]:
     """The best of ``one_pass(name, b)`` (seconds per call) for each kernel and batch size: one
-    warm-up pass each, then :data:`_ROUNDS` rounds interleaving kernels within each batch size,
-    passes for :data:`_ROUND_S` per kernel and round (the fastest pass counts: others were
-    disturbed), a kernel :data:`_HOPELESS` times slower than the fastest after a round not timed
+    warm-up pass each, then ``rounds`` rounds interleaving kernels within each batch size,
+    passes for ``round_s`` seconds per kernel and round (the fastest pass counts: others were
+    disturbed), a kernel ``hopeless`` times slower than the fastest after a round not timed
     further. The wall and process CPU seconds spent are added to ``usage``."""
     wall0, cpu0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
@@ -405,16 +412,16 @@ def _best_of_rounds(one_pass, names: List[str], batches: List[int], usage: Optio
             for b in batches:
                 one_pass(name, b)
         best = {name: {b: float("inf") for b in batches} for name in names}
-        for round_ in range(_ROUNDS):
+        for round_ in range(rounds):
             for b in batches:
                 fastest = min(best[name][b] for name in names)
                 for name in names:
-                    if round_ and best[name][b] > _HOPELESS * fastest:  # far behind after a round: not worth more time
+                    if round_ and best[name][b] > hopeless * fastest:  # far behind after a round: not worth more time
                         continue
                     start = time.perf_counter()
                     while True:
                         best[name][b] = min(best[name][b], one_pass(name, b))
-                        if time.perf_counter() - start >= _ROUND_S:
+                        if time.perf_counter() - start >= round_s:
                             break
     if usage is not None:
         usage["wall_s"] = usage.get("wall_s", 0.0) + time.perf_counter() - wall0

@@ -111,31 +111,41 @@ __attribute__((always_inline)) inline void tile_sums(const typename Op::T *__res
   Op::template reduce<R * MT>(a, out);
 }
 
+// The passes of the M rows of x over tile n (rows n..n+kTileRows-1 of w, R2 at a time; MT rows of x a pass,
+// then one at a time) over k0..k1 (default: all K): emit(m, row of w, sum) for each; each pass prefetches its
+// share of the next tile (NextTile)
+template <class Op, int R2, int MT, class Emit>
+__attribute__((always_inline)) inline void tile_passes(const typename Op::T *x, const typename Op::T *w, int64_t M, int64_t N,
+                                                       int64_t K, int64_t n, int64_t passes, int64_t repeats, Emit &&emit,
+                                                       int64_t k0 = 0, int64_t k1 = -1) {
+  float s[kTileRows * MT];
+  NextTile next(n, N, passes, repeats);
+  int64_t pass = 0;
+  for (int64_t r0 = n; r0 < n + kTileRows; r0 += R2) {
+    int64_t m = 0;
+    for (; m + MT <= M; m += MT, pass++) {
+      tile_sums<Op, R2, MT>(x, w, K, r0, m, s, next.at(w, K, pass), next.rows(pass), k0, k1);
+      for (int j = 0; j < MT; j++)
+        for (int r = 0; r < R2; r++) emit(m + j, r0 + r, s[j * R2 + r]);
+    }
+    for (; m < M; m++, pass++) {
+      tile_sums<Op, R2, 1>(x, w, K, r0, m, s, next.at(w, K, pass), next.rows(pass), k0, k1);
+      for (int r = 0; r < R2; r++) emit(m, r0 + r, s[r]);
+    }
+  }
+}
+
 // tile_rows for rows of w too long for L1 (M <= kMaxChunkedRows): the passes run chunk by chunk of K, their
 // partial sums added up. Not inlined: in tile_rows its sums and loops cost the short rows' loops their registers.
 template <class Op, int R2, int MT, class Out>
 __attribute__((noinline)) void tile_rows_chunked(const typename Op::T *x, const typename Op::T *w, int64_t M, int64_t N,
                                                  int64_t K, int64_t n, int64_t chunk, int64_t passes, int64_t repeats,
                                                  Out &out) {
-  float s[kTileRows * MT];
   float sums[kMaxChunkedRows * kTileRows] = {};  // sums[m * kTileRows + r]: row m of x, row n + r of w
-  for (int64_t k0 = 0; k0 < K; k0 += chunk) {
-    const int64_t k1 = K - k0 < chunk ? K : k0 + chunk;
-    NextTile next(n, N, passes, repeats);  // each chunk's passes prefetch that chunk of the next tile
-    int64_t pass = 0;
-    for (int64_t r0 = n; r0 < n + kTileRows; r0 += R2) {
-      int64_t m = 0;
-      for (; m + MT <= M; m += MT, pass++) {
-        tile_sums<Op, R2, MT>(x, w, K, r0, m, s, next.at(w, K, pass), next.rows(pass), k0, k1);
-        for (int j = 0; j < MT; j++)
-          for (int r = 0; r < R2; r++) sums[(m + j) * kTileRows + r0 - n + r] += s[j * R2 + r];
-      }
-      for (; m < M; m++, pass++) {
-        tile_sums<Op, R2, 1>(x, w, K, r0, m, s, next.at(w, K, pass), next.rows(pass), k0, k1);
-        for (int r = 0; r < R2; r++) sums[m * kTileRows + r0 - n + r] += s[r];
-      }
-    }
-  }
+  for (int64_t k0 = 0; k0 < K; k0 += chunk)  // each chunk's passes prefetch that chunk of the next tile
+    tile_passes<Op, R2, MT>(x, w, M, N, K, n, passes, repeats,
+                            [&](int64_t m, int64_t row, float v) { sums[m * kTileRows + row - n] += v; },
+                            k0, K - k0 < chunk ? K : k0 + chunk);
   for (int64_t m = 0; m < M; m++)
     for (int r = 0; r < kTileRows; r++) out(m, n + r, sums[m * kTileRows + r]);
 }
@@ -146,7 +156,7 @@ template <class Op, int R2, int MT, class Out>
 __attribute__((always_inline)) inline void tile_rows(const typename Op::T *x, const typename Op::T *w, int64_t M, int64_t N,
                                                      int64_t K, int64_t t, Out &&out) {
   const int64_t n = t * kTileRows;
-  float s[kTileRows * MT];
+  float s[kTileRows];
   if (n + kTileRows > N) {  // the last rows, one at a time
     for (int64_t r = n; r < N; r++)
       for (int64_t m = 0; m < M; m++) {
@@ -163,24 +173,10 @@ __attribute__((always_inline)) inline void tile_rows(const typename Op::T *x, co
   // R2 rows of w at a time (8 with AVX-512, 4 with AVX2: the accumulators the registers hold)
   const int64_t repeats = M / MT + M % MT, passes = (kTileRows / R2) * repeats;  // passes over each R2 rows; in all
   const int64_t chunk = chunk_of<typename Op::T, Op::kStep, R2>(K);
-  if (repeats < 2 || chunk >= K || M > kMaxChunkedRows) {
-    NextTile next(n, N, passes, repeats);
-    int64_t pass = 0;
-    for (int64_t r0 = n; r0 < n + kTileRows; r0 += R2) {
-      int64_t m = 0;
-      for (; m + MT <= M; m += MT, pass++) {
-        tile_sums<Op, R2, MT>(x, w, K, r0, m, s, next.at(w, K, pass), next.rows(pass));
-        for (int j = 0; j < MT; j++)
-          for (int r = 0; r < R2; r++) out(m + j, r0 + r, s[j * R2 + r]);
-      }
-      for (; m < M; m++, pass++) {
-        tile_sums<Op, R2, 1>(x, w, K, r0, m, s, next.at(w, K, pass), next.rows(pass));
-        for (int r = 0; r < R2; r++) out(m, r0 + r, s[r]);
-      }
-    }
-    return;
-  }
-  tile_rows_chunked<Op, R2, MT>(x, w, M, N, K, n, chunk, passes, repeats, out);
+  if (repeats < 2 || chunk >= K || M > kMaxChunkedRows)
+    tile_passes<Op, R2, MT>(x, w, M, N, K, n, passes, repeats, out);
+  else
+    tile_rows_chunked<Op, R2, MT>(x, w, M, N, K, n, chunk, passes, repeats, out);
 }
 
 inline int64_t tiles_of(int64_t N) { return (N + kTileRows - 1) / kTileRows; }
